@@ -1,0 +1,220 @@
+"""The only module that touches ComfyUI internals: model folders, devices, model management, progress, Cancel.
+
+Inside ComfyUI it uses `folder_paths`, `comfy.model_management`, `comfy.model_patcher` and `comfy.utils`.
+Outside ComfyUI (tests, the offline demo, scripts) the same functions work standalone: devices from torch,
+progress through tqdm, model folders under a models root (`THINKDIFF_MODELS_DIR`, default `./models`, or
+`set_models_root`). Nodes call only this module and `thinkdiff_core`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from thinkdiff_core.errors import CheckpointError, ModelFolderError
+
+logger = logging.getLogger(__name__)
+
+try:  # ComfyUI puts these on sys.path; anywhere else they are absent.
+    import comfy.model_management as model_management
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+
+    IN_COMFYUI = True
+except ImportError:
+    IN_COMFYUI = False
+
+ALIGNER_FOLDER = "thinkdiff"
+VLM_FOLDER = "LLM"
+ALIGNER_EXTENSIONS = {".safetensors", ".pth", ".pt"}
+_standalone_root: Path | None = None
+
+
+# --- model folders -----------------------------------------------------------------------------------------------
+
+
+def register_model_folders() -> None:
+    """Add models/thinkdiff and models/LLM to ComfyUI's folders, keeping paths the user set in extra_model_paths.yaml."""
+    if not IN_COMFYUI:
+        return
+    models_dir = Path(folder_paths.models_dir)
+    for key, extensions in ((ALIGNER_FOLDER, ALIGNER_EXTENSIONS), (VLM_FOLDER, set())):
+        paths, known_extensions = folder_paths.folder_names_and_paths.get(key, ([], set()))
+        default = str(models_dir / key)
+        paths = list(paths) + ([default] if default not in paths else [])
+        folder_paths.folder_names_and_paths[key] = (paths, set(known_extensions) | extensions)
+
+
+def set_models_root(path: str | os.PathLike | None) -> None:
+    """Standalone only: the folder holding `thinkdiff/` and `LLM/` (like ComfyUI's models folder)."""
+    global _standalone_root
+    _standalone_root = Path(path) if path is not None else None
+
+
+def folder_paths_for(key: str) -> list[Path]:
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(key)]
+    root = _standalone_root or Path(os.environ.get("THINKDIFF_MODELS_DIR", "models"))
+    return [root / key]
+
+
+def list_aligners() -> list[str]:
+    names = set()
+    for base in folder_paths_for(ALIGNER_FOLDER):
+        if base.is_dir():
+            names.update(
+                p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() and p.suffix.lower() in ALIGNER_EXTENSIONS
+            )
+    return sorted(names)
+
+
+def list_vlm_folders() -> list[str]:
+    """Hugging Face model folders (those with a config.json) up to two levels under each models/LLM path."""
+    names = set()
+    for base in folder_paths_for(VLM_FOLDER):
+        if base.is_dir():
+            for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
+                names.add(config.parent.relative_to(base).as_posix())
+    return sorted(names)
+
+
+def aligner_path(name: str) -> Path:
+    return _resolve(ALIGNER_FOLDER, name, want_dir=False)
+
+
+def vlm_path(name: str) -> Path:
+    return _resolve(VLM_FOLDER, name, want_dir=True)
+
+
+def _resolve(key: str, name: str, want_dir: bool) -> Path:
+    bases = folder_paths_for(key)
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise (ModelFolderError if want_dir else CheckpointError)(
+            f"'{name}' is not a name inside models/{key}: names must be relative and stay inside the folder "
+            f"(no absolute paths, no '..'). Choose one from the list."
+        )
+    for base in bases:
+        candidate = base / name  # lexically inside base (no '..', not absolute); symlinked model folders still work
+        if candidate.is_dir() if want_dir else candidate.is_file():
+            return candidate
+    where = ", ".join(str(b) for b in bases)
+    raise (ModelFolderError if want_dir else CheckpointError)(
+        f"'{name}' was not found in models/{key} ({where}). Put the {'model folder' if want_dir else 'file'} there "
+        f"and press 'r' (refresh) in ComfyUI, or fix extra_model_paths.yaml."
+    )
+
+
+# --- devices -----------------------------------------------------------------------------------------------------
+
+
+def compute_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if IN_COMFYUI:
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    if IN_COMFYUI:
+        return model_management.text_encoder_offload_device()
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def empty_cache() -> None:
+    gc.collect()
+    if IN_COMFYUI:
+        model_management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the VLM under model management ------------------------------------------------------------------------------
+
+
+class _Holder(torch.nn.Module):
+    """Wraps the transformers model for ModelPatcher, which sets `.device` (read-only on transformers models)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.vlm = model
+        self.device = device
+
+
+@dataclass
+class VlmHandle:
+    """What the VLM loader node outputs: the core bundle plus ComfyUI's patcher for it (None standalone)."""
+
+    bundle: Any
+    load_device: torch.device
+    offload_device: torch.device
+    patcher: Any = None
+
+
+def wrap_vlm(bundle: Any, load_device: torch.device) -> VlmHandle:
+    offload = offload_device()
+    handle = VlmHandle(bundle=bundle, load_device=load_device, offload_device=offload)
+    if IN_COMFYUI:
+        holder = _Holder(bundle.model, offload)
+        size = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
+        handle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload, size=size)
+    return handle
+
+
+def load_vlm_to_device(handle: VlmHandle) -> None:
+    """Put the VLM on its compute device; inside ComfyUI through model management, so it and FLUX evict each other."""
+    if handle.patcher is not None:
+        # Full load: plain transformers Linear layers cannot be partially offloaded by ComfyUI.
+        model_management.load_models_gpu([handle.patcher], force_full_load=True)
+    else:
+        handle.bundle.model.to(handle.load_device)
+
+
+def release_vlm(handle: VlmHandle) -> None:
+    """Give the VLM's compute-device memory back (the weights stay loaded on the offload device)."""
+    if handle.patcher is not None:
+        for loaded in list(model_management.current_loaded_models):
+            if loaded.model is handle.patcher:
+                loaded.model_unload()
+                model_management.current_loaded_models.remove(loaded)
+    else:
+        handle.bundle.model.to(handle.offload_device)
+    empty_cache()
+
+
+# --- progress and Cancel -----------------------------------------------------------------------------------------
+
+
+def token_progress(total: int, description: str = "VLM tokens") -> Callable[[int], None]:
+    """A callback for each generated token: moves ComfyUI's progress bar (or tqdm) and raises on Cancel."""
+    if IN_COMFYUI:
+        bar = comfy.utils.ProgressBar(total)
+
+        def on_token(count: int) -> None:
+            model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(count, total)
+
+        return on_token
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, leave=False)
+
+    def on_token(count: int) -> None:
+        bar.update(count - bar.n)
+        if count >= total:
+            bar.close()
+
+    return on_token

@@ -1,0 +1,56 @@
+"""Loader nodes: the reasoning VLM (a Hugging Face folder under models/LLM) and the aligner (models/thinkdiff)."""
+
+from __future__ import annotations
+
+import torch
+
+from thinkdiff_core import load_aligner, load_vlm
+from thinkdiff_core.vlm import ATTENTION_BACKENDS
+
+from . import comfy_adapter as adapter
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ThinkDiffVLMLoader:
+    DESCRIPTION = (
+        "Loads the reasoning vision-language model (Qwen2-VL-7B-Instruct in the paper) from a Hugging Face folder "
+        "in models/LLM. Nothing is downloaded."
+    )
+    CATEGORY = "ThinkDiff"
+    RETURN_TYPES = ("THINKDIFF_VLM",)
+    RETURN_NAMES = ("vlm",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (adapter.list_vlm_folders(), {"tooltip": "A model folder (config.json + *.safetensors) in models/LLM."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 where supported. float16 can overflow."}),
+                "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
+                "attention": (list(ATTENTION_BACKENDS), {"default": "sdpa", "tooltip": "Falls back to sdpa, then eager, if unavailable."}),
+                "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": "Run Python code shipped in the model folder. Only for folders you trust."}),
+            }
+        }
+
+    def load(self, model, dtype, device, attention, trust_remote_code):
+        load_device = adapter.compute_device(device)
+        torch_dtype = DTYPES[dtype] or adapter.default_dtype(load_device)
+        bundle = load_vlm(adapter.vlm_path(model), dtype=torch_dtype, device=adapter.offload_device(), attn_implementation=attention, trust_remote_code=trust_remote_code)
+        return (adapter.wrap_vlm(bundle, load_device),)
+
+
+class ThinkDiffAlignerLoader:
+    DESCRIPTION = "Loads a ThinkDiff aligner from models/thinkdiff: this project's .safetensors or the official thinkdiff_lvlm.pth / thinkdiff_clip.pth."
+    CATEGORY = "ThinkDiff"
+    RETURN_TYPES = ("THINKDIFF_ALIGNER",)
+    RETURN_NAMES = ("aligner",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"aligner": (adapter.list_aligners(), {"tooltip": "An aligner file in models/thinkdiff."})}}
+
+    def load(self, aligner):
+        return (load_aligner(adapter.aligner_path(aligner)),)

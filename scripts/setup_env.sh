@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs requirements-dev.txt into it; re-installs only when a requirements file changes.
+# Sourced by scripts/demo.sh and scripts/test.sh, so each of them works on a fresh clone by itself.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${THINKDIFF_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+fi
+STAMP="$VENV/.thinkdiff-requirements"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "[setup] installing requirements-dev.txt into $VENV (the first time takes a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
+    echo "$WANT" > "$STAMP"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+PY="$VENV/bin/python"

@@ -1,0 +1,217 @@
+"""Tiny stand-in models with random weights, built locally from small configs, for the offline demo and the tests.
+
+They have the real architectures (Qwen2-VL, T5, FLUX, the aligner) at toy sizes and produce gibberish text and
+noise images: they show that the plumbing works, never what ThinkDiff does. Nothing here downloads anything.
+Tokenizers are byte-level BPEs trained in well under a second on the small corpus below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .aligner import AlignerSpec, ThinkDiffAligner
+
+STANDIN_LABEL = "STAND-IN RUN: tiny random-weight models built locally; the text is gibberish and the image is noise"
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Renders the same layout as Qwen2-VL's own template, including "Picture k: " labels when add_vision_id is set.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "You are a helpful assistant.",
+    "I give you several words and pictures. First, please analyse what the next picture is.",
+    "Then give me a detailed diffusion prompt to describe the next picture.",
+    "Please only provide me the detailed prompt and start the answer with 'Create an image'.",
+    "Word 1: red, Word 2: blue, Word 3: green, Picture 1: Picture 2:",
+    "Create an image of a green car on a sunny street, detailed, photorealistic.",
+    "Describe the image concisely. Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "a yellow leaf, a white hat, a red cup, a purple chair, a pink car, an orange box, a brown book, a black bag",
+    "zebra tiger sheep pig monkey lion dog cow cat bird watercolor sketch pixel origami lego icon graffiti",
+    "beach desert glacier volcano park gym waterfall space cave seafloor wood wicker metal leather lace denim",
+    "a photo of a dog in the style of this picture, soft light, high quality, 4k",
+]
+
+
+def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on `corpus`, wrapped in PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((corpus or CORPUS) * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def build_qwen2vl(path: str | Path, hidden_size: int = 64, seed: int = 0) -> Path:
+    """Save a tiny Qwen2-VL (model, tokenizer, processor, chat template) as a Hugging Face folder at `path`."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(QWEN_SPECIAL_TOKENS)
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    head_dim = hidden_size // heads
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=77,  # odd on purpose: catches swapped dimensions
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"]
+    )
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56 * 4)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    # The temporal/height/width sections must add up to half the head dimension.
+    half = head_dim // 2
+    return [half - 2 * (half // 4), half // 4, half // 4]
+
+
+def build_aligner(input_dim: int, output_dim: int = 4096, source_model: str = "tiny-qwen2-vl", seed: int = 0, num_tokens: int = 16) -> ThinkDiffAligner:
+    """A random aligner (PyTorch's default Linear init, norm weight 1)."""
+    torch.manual_seed(seed)
+    return ThinkDiffAligner(AlignerSpec("lvlm", input_dim, output_dim, source_model=source_model, num_tokens=num_tokens))
+
+
+def build_flux_pipeline(seed: int = 0):
+    """A diffusers FluxPipeline of tiny random parts that still takes real-width inputs: T5 tokens of width 4096
+    and a CLIP-L pooled vector of width 768, so real aligner outputs fit it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=[4, 6, 6],
+        guidance_embeds=True,
+    )
+    clip_tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
+    clip_tokenizer.bos_token, clip_tokenizer.eos_token, clip_tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
+    clip_tokenizer.model_max_length = 77
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=768,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    t5_tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320)
+    t5_tokenizer.pad_token, t5_tokenizer.eos_token, t5_tokenizer.unk_token = "<pad>", "</s>", "<unk>"
+    t5_tokenizer.model_max_length = 512
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,  # FLUX.1's VAE values
+        shift_factor=0.1159,
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip.eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5.eval(),
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer.eval(),
+    )
+
+
+def draw_shape_image(color: str, shape: str = "square", size: int = 96) -> Image.Image:
+    """A plain picture of one coloured shape on white: the demo's and tests' in-context examples."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (size // 5, size // 5, size - size // 5, size - size // 5)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    else:
+        draw.rectangle(box, fill=color)
+    return image

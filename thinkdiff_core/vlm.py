@@ -1,0 +1,475 @@
+"""The reasoning VLM: prompt layout, generation, and capture of the generated tokens' final-norm states.
+
+ThinkDiff-LVLM feeds FLUX the final-norm hidden states of the tokens the VLM *generates* (recipe section 4), with
+the official alignment: N generated tokens give N vectors, vector 0 being the state of the last prompt token and
+vector k the state of generated token k-1 (the last generated token's state is never computed). A forward hook on
+the language model's final norm records exactly those N states during `generate`: once in the prefill (its last
+position) and once per decode step. No other layer's states are kept.
+
+transformers is imported lazily, so `import thinkdiff_core` works without it; a missing class names the version needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .errors import MissingDependencyError, ModelFolderError, PromptError
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_MARKER = "<image>"
+# CoBSAT question used by the official interleaved inference (recipe section 6), quoted verbatim.
+COBSAT_QUESTION = (
+    "I give you several words and pictures. First, please analyse what the next picture is. Then give me a detailed "
+    "diffusion prompt to describe the next picture. Please only provide me the detailed prompt and start the answer "
+    "with 'Create an image'."
+)
+# Images larger than this are scaled down (aspect kept) before the processor sees them: Qwen2-VL's own limit is
+# 12.8 MP, whose vision tokens would not fit most GPUs. 1280 * 28 * 28 pixels is about 1280 vision tokens.
+DEFAULT_MAX_IMAGE_PIXELS = 1280 * 28 * 28
+MIN_TRANSFORMERS_FOR = {"qwen2_vl": "4.45.0", "qwen2_5_vl": "4.49.0"}
+ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the VLM generates. Defaults are the recipe's inference settings (section 5).
+
+    num_tokens: tokens to generate; with stop_at_eos=False exactly this many (EOS is suppressed, like vLLM's
+        min_tokens = max_tokens = 128 in the official inference), giving exactly num_tokens feature vectors.
+    stop_at_eos: stop at the end-of-turn token instead (the training-feature precompute; then fewer may come back).
+    greedy: argmax decoding instead of sampling (deterministic; useful for tests and comparisons).
+    temperature, top_p: sampling parameters; top-k is always off, as in vLLM.
+    seed: sampling seed (None: not seeded). Seeding does not disturb the global RNG.
+    """
+
+    num_tokens: int = 128
+    stop_at_eos: bool = False
+    greedy: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int | None = 42
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be at least 1, got {self.num_tokens}")
+        if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass(frozen=True)
+class VlmFeatures:
+    """What a VLM run produced.
+
+    hidden_states: (batch, num_tokens, vlm_hidden_size) final-norm states with the official alignment.
+    generated_ids: (batch, num_tokens) generated token ids (padding after EOS when stop_at_eos ended early).
+    lengths: (batch,) number of valid vectors per row (num_tokens unless generation stopped at EOS).
+    prompt_ids: (batch, prompt_tokens) the prompt as the VLM saw it (left-padded in a batch).
+    text: the generated text of each row, special tokens removed.
+    source_model: name of the VLM folder, for checks against the aligner.
+    prompt_states: (batch, prompt_tokens, vlm_hidden_size) the prompt's own states, only if asked for (an ablation).
+    """
+
+    hidden_states: torch.Tensor
+    generated_ids: torch.Tensor
+    lengths: torch.Tensor
+    prompt_ids: torch.Tensor
+    text: list[str]
+    source_model: str = ""
+    prompt_states: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def vlm_hidden_size(self) -> int:
+        return self.hidden_states.shape[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden_states.shape[1]
+
+    def to(self, device: torch.device | str) -> VlmFeatures:
+        """A copy with every tensor on `device` (the encode node hands CPU features on, so the VLM can leave the GPU)."""
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return replace(
+            self,
+            hidden_states=move(self.hidden_states),
+            generated_ids=move(self.generated_ids),
+            lengths=move(self.lengths),
+            prompt_ids=move(self.prompt_ids),
+            prompt_states=move(self.prompt_states),
+        )
+
+
+@dataclass
+class VlmBundle:
+    """A loaded VLM: the transformers model, its processor and where it came from."""
+
+    model: Any
+    processor: Any
+    source_model: str
+    path: Path | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    @property
+    def hidden_size(self) -> int:
+        return final_norm(self.model).weight.shape[0]
+
+
+# --- prompt layout -----------------------------------------------------------------------------------------------
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def image_part(image: Image.Image) -> dict:
+    return {"type": "image", "image": image}
+
+
+def cobsat_content(words: Sequence[str], images: Sequence[Image.Image], question: str = COBSAT_QUESTION) -> list[dict]:
+    """In-context layout of the official CoBSAT inference (recipe section 6).
+
+    words[k] labels images[k]; the last word is the query and has no image, so len(words) == len(images) + 1.
+    Renders: question, "\\n\\n", "Word 1: {w1}, " [image 1], "\\n\\nWord 2: {w2}, " [image 2], ..., "\\n\\nWord n+1: {q}, ".
+    """
+    words = [word.strip() for word in words]
+    if len(words) != len(images) + 1 or any(not word for word in words):
+        raise PromptError(
+            f"the in-context layout needs one word per image plus a final query word, got {len(words)} non-empty "
+            f"word(s) for {len(images)} image(s). Write one word per line (e.g. 'red', 'blue', 'green') and connect "
+            f"one image for each word except the last."
+        )
+    content = [text_part(question + "\n\n")]
+    for index, (word, image) in enumerate(zip(words, images), start=1):
+        prefix = "" if index == 1 else "\n\n"
+        content += [text_part(f"{prefix}Word {index}: {word}, "), image_part(image)]
+    content.append(text_part(f"\n\nWord {len(words)}: {words[-1]}, "))
+    return content
+
+
+def interleaved_content(text: str, images: Sequence[Image.Image], marker: str = IMAGE_MARKER) -> list[dict]:
+    """Free layout: each `marker` in `text` is replaced by the next image, in order.
+
+    Without any marker the images come first and the text after them, the recipe's single-image layout
+    (user content = [image, instruction]).
+    """
+    pieces = text.split(marker)
+    if len(pieces) == 1:
+        content = [image_part(image) for image in images]
+        if text.strip():
+            content.append(text_part(text))
+        elif not images:
+            raise PromptError("the prompt is empty: write an instruction, connect at least one image, or both.")
+        return content
+    if len(pieces) - 1 != len(images):
+        raise PromptError(
+            f"the text has {len(pieces) - 1} '{marker}' marker(s) but {len(images)} image(s) are connected. "
+            f"Use one marker per image (they are filled in order image_1, image_2, ...), or no marker at all to put "
+            f"every image before the text."
+        )
+    content = []
+    for index, piece in enumerate(pieces):
+        if piece:
+            content.append(text_part(piece))
+        if index < len(images):
+            content.append(image_part(images[index]))
+    return content
+
+
+def chat_messages(content: list[dict], system: str = SYSTEM_PROMPT) -> list[dict]:
+    """Qwen2-VL chat messages: the recipe's system message and one user turn."""
+    return [{"role": "system", "content": [text_part(system)]}, {"role": "user", "content": content}]
+
+
+def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
+    """RGB copy of `image`, scaled down (aspect kept) so that width * height <= max_pixels."""
+    image = image.convert("RGB")
+    pixels = image.width * image.height
+    if pixels <= max_pixels:
+        return image
+    scale = (max_pixels / pixels) ** 0.5
+    size = (max(28, int(image.width * scale)), max(28, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def load_vlm(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> VlmBundle:
+    """Load a Hugging Face format VLM folder (config.json, weights, processor files). Never downloads.
+
+    The attention backend falls back from flash_attention_2 to sdpa to eager when one is not available.
+    """
+    path = check_model_folder(path)
+    transformers = import_transformers()
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    model_class = _model_class(transformers, config.model_type)
+    backends = ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :] if attn_implementation in ATTENTION_BACKENDS else (attn_implementation, "sdpa", "eager")
+    dtype_argument = "dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype"
+    last_error: Exception | None = None
+    for backend in dict.fromkeys(backends):
+        try:
+            model = model_class.from_pretrained(
+                path,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=backend,
+                **{dtype_argument: dtype},
+            )
+            break
+        except (ImportError, ValueError) as error:
+            logger.warning("attention backend %s is not available (%s); trying the next one", backend, error)
+            last_error = error
+    else:
+        raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    model.to(device).eval().requires_grad_(False)
+    return VlmBundle(model=model, processor=processor, source_model=path.name, path=path, max_image_pixels=max_image_pixels)
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Raise ModelFolderError unless `path` is a folder with a config.json and weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(
+            f"VLM folder '{path}' does not exist. Put the Hugging Face model folder (e.g. Qwen2-VL-7B-Instruct, "
+            f"with config.json and *.safetensors) under models/LLM/."
+        )
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"'{path}' has no config.json: it is not a complete Hugging Face model folder. Download the whole repository.")
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
+    if not weights:
+        raise ModelFolderError(f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too.")
+    return path
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise MissingDependencyError("the VLM needs the 'transformers' package: pip install 'transformers>=4.45'") from error
+    return transformers
+
+
+def _transformers_at_least(transformers, version: str) -> bool:
+    from packaging.version import Version
+
+    return Version(transformers.__version__.split("+")[0]) >= Version(version)
+
+
+def _model_class(transformers, model_type: str):
+    names = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    }
+    name = names.get(model_type, "AutoModelForImageTextToText")
+    model_class = getattr(transformers, name, None)
+    if model_class is None:
+        needed = MIN_TRANSFORMERS_FOR.get(model_type, "4.50.0")
+        raise MissingDependencyError(
+            f"transformers {transformers.__version__} has no {name} (model type '{model_type}'). "
+            f"Install transformers >= {needed}: pip install -U 'transformers>={needed}'"
+        )
+    return model_class
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The language model's final norm, whose output is the state ThinkDiff uses."""
+    for getter in (
+        lambda m: m.model.language_model.norm,  # transformers 5 (and 4.5x) Qwen2-VL layout
+        lambda m: m.model.norm,  # transformers 4.4x Qwen2-VL layout
+        lambda m: m.language_model.model.norm,
+        lambda m: m.get_decoder().norm,
+    ):
+        try:
+            module = getter(model)
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise MissingDependencyError(f"cannot find the final norm of {type(model).__name__}; this model type is not supported yet.")
+
+
+# --- encoding ----------------------------------------------------------------------------------------------------
+
+
+def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]]) -> dict:
+    """Chat template + processor for a batch of conversations; images are fitted to the pixel budget."""
+    texts, images = [], []
+    for messages in conversations:
+        texts.append(
+            vlm.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=True)
+        )
+        for message in messages:
+            for part in message["content"]:
+                if part["type"] == "image":
+                    images.append(fit_pixel_budget(part["image"], vlm.max_image_pixels))
+    tokenizer = vlm.processor.tokenizer
+    tokenizer.padding_side = "left"  # the hook takes the last prompt position of every row
+    inputs = vlm.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    return dict(inputs)
+
+
+def encode_with_vlm(
+    vlm: VlmBundle,
+    conversations: list[dict] | Sequence[list[dict]],
+    settings: GenerationSettings = GenerationSettings(),
+    on_token: Callable[[int], None] | None = None,
+    keep_prompt_states: bool = False,
+) -> VlmFeatures:
+    """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
+
+    conversations: one chat (a list of messages) or a batch of them.
+    on_token(n): called after each generated token with the count so far; raising from it stops generation
+        (ComfyUI's progress bar does this on Cancel).
+    """
+    if conversations and isinstance(conversations[0], dict):
+        conversations = [conversations]
+    model = vlm.model
+    inputs = prepare_inputs(vlm, conversations)
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
+    prompt_ids = inputs["input_ids"]
+
+    captured: list[torch.Tensor] = []
+    prompt_states: list[torch.Tensor] = []
+
+    def capture(_module, _args, output):
+        # Prefill sees the whole prompt, each decode step one new position; the last position is the one that
+        # produced the next token (recipe section 4).
+        if keep_prompt_states and not captured:
+            prompt_states.append(output.detach())
+        captured.append(output[:, -1:, :].detach())
+
+    handle = final_norm(model).register_forward_hook(capture)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if settings.seed is not None and not settings.greedy:
+                torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                output_ids = model.generate(**inputs, **_generate_kwargs(vlm, settings, on_token))
+    finally:
+        handle.remove()
+
+    generated_ids = output_ids[:, prompt_ids.shape[1] :]
+    hidden_states = torch.cat(captured, dim=1)[:, : generated_ids.shape[1]]
+    lengths = _valid_lengths(vlm, generated_ids, settings)
+    text = vlm.processor.batch_decode(generated_ids, skip_special_tokens=True)
+    return VlmFeatures(
+        hidden_states=hidden_states,
+        generated_ids=generated_ids,
+        lengths=lengths,
+        prompt_ids=prompt_ids,
+        text=text,
+        source_model=vlm.source_model,
+        prompt_states=prompt_states[0] if prompt_states else None,
+    )
+
+
+def _eos_ids(vlm: VlmBundle) -> list[int]:
+    eos = getattr(vlm.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = vlm.processor.tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> dict:
+    transformers = import_transformers()
+    tokenizer = vlm.processor.tokenizer
+    eos_ids = _eos_ids(vlm)
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.num_tokens,
+        # EOS suppressed until num_tokens: the official inference's min_tokens = max_tokens (recipe section 5).
+        "min_new_tokens": 1 if settings.stop_at_eos else settings.num_tokens,
+        "eos_token_id": eos_ids or None,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
+    }
+    if settings.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    if on_token is not None:
+        kwargs["stopping_criteria"] = transformers.StoppingCriteriaList([_TokenCallback(on_token, transformers)])
+    return kwargs
+
+
+class _TokenCallback:
+    """A stopping criterion that never stops by itself: it reports each token, and its callback may raise."""
+
+    def __init__(self, on_token: Callable[[int], None], transformers) -> None:
+        self.on_token = on_token
+        self.count = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.count += 1
+        self.on_token(self.count)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _valid_lengths(vlm: VlmBundle, generated_ids: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    batch, total = generated_ids.shape
+    if not settings.stop_at_eos:
+        return torch.full((batch,), total, dtype=torch.long)
+    is_eos = torch.isin(generated_ids.cpu(), torch.tensor(_eos_ids(vlm) or [-1]))
+    # length = position of the first EOS + 1 (the EOS vector itself is the state that produced it), else all.
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full((batch,), total))
+    return first.long()
+
+
+# --- inputs from image tensors -----------------------------------------------------------------------------------
+
+LAYOUTS = ("in-context words", "free text")
+
+
+def pil_images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
+    """(batch, height, width, channels) floats in [0, 1] (ComfyUI's IMAGE) -> RGB PIL images.
+
+    Greyscale (1 channel) and RGBA (4 channels, alpha dropped onto white) are accepted.
+    """
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        raise PromptError(f"expected images shaped (batch, height, width, 1|3|4 channels), got {tuple(images.shape)}")
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for array in pixels:
+        if array.shape[-1] == 1:
+            out.append(Image.fromarray(array[..., 0], mode="L").convert("RGB"))
+        elif array.shape[-1] == 4:
+            rgba = Image.fromarray(array, mode="RGBA")
+            background = Image.new("RGB", rgba.size, "white")
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            out.append(background)
+        else:
+            out.append(Image.fromarray(array, mode="RGB"))
+    return out
+
+
+def layout_content(layout: str, prompt: str, images: Sequence[Image.Image]) -> list[dict]:
+    """User content for a layout name (see LAYOUTS): the encode node's single entry point to the prompt builders.
+
+    "in-context words": one word per line; image k goes with word k; the last word is the query (CoBSAT layout).
+    "free text": `<image>` markers in the text are replaced by the images in order (none: images first).
+    """
+    if layout == "in-context words":
+        words = [line for line in prompt.splitlines() if line.strip()]
+        return cobsat_content(words, images)
+    if layout == "free text":
+        return interleaved_content(prompt, images)
+    raise PromptError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
