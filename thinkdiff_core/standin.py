@@ -215,3 +215,96 @@ def draw_shape_image(color: str, shape: str = "square", size: int = 96) -> Image
     else:
         draw.rectangle(box, fill=color)
     return image
+
+
+# --- training stand-ins (train/make_tiny_data.py and the training tests) -----------------------------------------
+
+SHAPE_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "pink"]
+SHAPE_KINDS = ["square", "circle", "triangle"]
+SHAPE_BACKGROUNDS = ["white", "grey", "lightblue"]
+
+
+def shape_caption(color: str, shape: str, background: str = "white") -> str:
+    """The caption of a `draw_shape_picture`, in the style of a short image description."""
+    return f"A {color} {shape} in the middle of a {background} background."
+
+
+def draw_shape_picture(color: str, shape: str = "square", background: str = "white", size: int = 64) -> Image.Image:
+    """One coloured square, circle or triangle on a plain background (training data for the tiny runs)."""
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    low, high = size // 5, size - size // 5
+    if shape == "circle":
+        draw.ellipse((low, low, high, high), fill=color)
+    elif shape == "triangle":
+        draw.polygon([(size // 2, low), (high, high), (low, high)], fill=color)
+    else:
+        draw.rectangle((low, low, high, high), fill=color)
+    return image
+
+
+def build_t5(path: str | Path, d_model: int = 32, seed: int = 0, corpus: list[str] | None = None) -> Path:
+    """Save a tiny flan-T5 stand-in (T5ForConditionalGeneration + tokenizer with <pad>, </s>, <unk>) at `path`.
+
+    Plays the frozen proxy decoder (and, for the CLIP variant, text encoder) of the training recipe.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = Path(path)
+    captions = [shape_caption(c, s, b) for c in SHAPE_COLORS for s in SHAPE_KINDS for b in SHAPE_BACKGROUNDS]
+    tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320, corpus=(corpus or CORPUS) + captions)
+    tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token = "<pad>", "</s>", "<unk>"
+    tokenizer.model_max_length = 512
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_ff=37,  # odd on purpose: catches swapped dimensions
+        d_kv=8,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",  # as flan-T5 (T5 v1.1)
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,  # T5 starts decoding from <pad>; must be set in transformers 5
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a non-trivial final norm, so that copying it into the aligner is visible in tests
+        model.encoder.final_layer_norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_blip2_vision(path: str | Path, hidden_size: int = 48, seed: int = 0, full_blip2_layout: bool = False) -> Path:
+    """Save a tiny BLIP-2 vision tower (224 px, patch 14: 1 CLS + 16x16 patches, like EVA ViT-g) at `path`.
+
+    full_blip2_layout: write it the way a full BLIP-2 repository stores it (config.json of model_type 'blip-2' with a
+    `vision_config`, weights under `vision_model.*` next to other modules' keys), to test loading from such a folder.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    path = Path(path)
+    config = Blip2VisionConfig(
+        hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=224, patch_size=14
+    )
+    torch.manual_seed(seed)
+    model = Blip2VisionModel(config).eval()
+    with torch.no_grad():  # BLIP-2's initializer_range is 1e-10; give the tower visible weights
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.05)
+    if not full_blip2_layout:
+        model.save_pretrained(path)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    state = {f"vision_model.{key}": value.contiguous() for key, value in model.state_dict().items()}
+    state["query_tokens"] = torch.zeros(1, 4, 8)  # a non-vision key, as in the real file
+    save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "blip-2", "vision_config": config.to_diff_dict()}))
+    return path

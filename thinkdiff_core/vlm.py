@@ -389,6 +389,9 @@ def _eos_ids(vlm: VlmBundle) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+_VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
 def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> dict:
     transformers = import_transformers()
     tokenizer = vlm.processor.tokenizer
@@ -400,6 +403,11 @@ def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> 
         "eos_token_id": eos_ids or None,
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
     }
+    # Vision placeholders are never a valid answer; a real VLM gives them ~0 probability, tiny random ones do not,
+    # and a generated <|image_pad|> would break any later forward pass over the sequence.
+    vision_tokens = [getattr(vlm.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
+    if any(token is not None for token in vision_tokens):
+        kwargs["suppress_tokens"] = [token for token in vision_tokens if token is not None]
     if settings.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

@@ -1,0 +1,51 @@
+"""Packaging rules: requirements in step with pyproject, registry metadata, no eval/exec, no silent downloads."""
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ["thinkdiff_core", "nodes", "train", "scripts", "workflows"]
+
+
+def python_files():
+    files = [ROOT / "__init__.py"]
+    for folder in SOURCE_DIRS:
+        files += sorted((ROOT / folder).rglob("*.py"))
+    return files
+
+
+def test_requirements_txt_matches_pyproject_dependencies():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    assert requirements == pyproject["project"]["dependencies"]
+
+
+def test_registry_metadata():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "comfyui" not in pyproject["project"]["name"].lower()
+    assert pyproject["tool"]["comfy"]["PublisherId"]
+    assert pyproject["project"]["urls"]["Repository"]
+
+
+def test_no_eval_or_exec_calls():
+    for path in python_files():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        calls = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+        assert not {"eval", "exec"} & set(calls), path
+
+
+def test_weights_never_load_with_unsafe_pickle():
+    for path in python_files():
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
+            assert "weights_only=True" in match.group(1), f"{path}: {match.group(0)}"
+
+
+def test_model_loading_is_local_only():
+    for path in python_files():
+        text = path.read_text()
+        for call in re.finditer(r"\.from_pretrained\(", text):
+            window = text[call.start() : call.start() + 300]
+            assert "local_files_only=True" in window or "standin" in path.name, f"{path}: from_pretrained without local_files_only"

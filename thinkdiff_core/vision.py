@@ -1,0 +1,174 @@
+"""The ThinkDiff-CLIP image side: BLIP-2's vision tower -> 65 tokens per image (recipe section 7).
+
+The official CLIP variant feeds the aligner the **post-layernorm last hidden state** of BLIP-2's EVA ViT-g
+(`Salesforce/blip2-flan-t5-xxl`, width 1408): 1 CLS token + 16x16 patch tokens for a 224x224 image. With
+`vision_downsample_factor: 2` the patch grid is resized bilinearly (align_corners=False) to 8x8 and put back after
+the CLS token, giving 1 + 64 = 65 tokens per image. No Q-Former and no BLIP-2 language projection are used.
+
+Preprocessing as in the official training: resize to 224x224 bicubic (no crop, no augmentation), scale to [0, 1],
+normalise with the OpenAI-CLIP mean and std. BLIP-2's own image processor does the same for inference.
+
+transformers is imported lazily; nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ModelFolderError, PromptError
+from .vlm import _transformers_at_least, import_transformers, pil_images_from_tensor
+
+logger = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 224
+DOWNSAMPLE_FACTOR = 2  # 16x16 patches -> 8x8, recipe section 7
+VISION_PREFIX = "vision_model."  # key prefix of the vision tower inside a full BLIP-2 checkpoint
+
+
+def preprocess_images(images: Sequence[Image.Image] | torch.Tensor, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """PIL images, or a ComfyUI IMAGE tensor (batch, height, width, channels) in [0, 1] -> pixel_values
+    (batch, 3, image_size, image_size), float32, CLIP-normalised.
+
+    Resize is PIL bicubic straight to image_size x image_size (aspect not kept, no crop), as the official
+    `transforms.Resize((224, 224), BICUBIC)` on PIL images does.
+    """
+    if isinstance(images, torch.Tensor):
+        images = pil_images_from_tensor(images)
+    if isinstance(images, Image.Image):
+        images = [images]
+    if len(images) == 0:
+        raise PromptError("no images to encode: connect at least one image.")
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    pixel_values = []
+    for image in images:
+        resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        pixel_values.append((array - mean) / std)
+    return torch.stack(pixel_values)
+
+
+def pool_vision_tokens(hidden_states: torch.Tensor, downsample_factor: int = DOWNSAMPLE_FACTOR) -> torch.Tensor:
+    """(batch, 1 + grid*grid, width) -> (batch, 1 + (grid/f)^2, width): CLS kept, patch grid resized bilinearly.
+
+    For BLIP-2 at 224 px: (batch, 257, 1408) -> (batch, 65, 1408). The resize runs in float32 and the result is
+    cast back to the input dtype.
+    """
+    if hidden_states.dim() != 3:
+        raise ValueError(f"expected (batch, tokens, width), got shape {tuple(hidden_states.shape)}")
+    if downsample_factor == 1:
+        return hidden_states
+    batch, tokens, width = hidden_states.shape
+    grid = round((tokens - 1) ** 0.5)
+    if grid * grid != tokens - 1 or grid % downsample_factor:
+        raise ValueError(
+            f"{tokens} tokens are not 1 CLS + a square patch grid divisible by {downsample_factor} "
+            f"(BLIP-2 at 224 px gives 257 = 1 + 16x16)"
+        )
+    cls_token, patches = hidden_states[:, :1], hidden_states[:, 1:]
+    patches = patches.float().transpose(1, 2).reshape(batch, width, grid, grid)  # (B, D, g, g)
+    size = grid // downsample_factor
+    patches = F.interpolate(patches, size=(size, size), mode="bilinear", align_corners=False)
+    patches = patches.reshape(batch, width, size * size).transpose(1, 2).to(hidden_states.dtype)
+    return torch.cat([cls_token, patches], dim=1)
+
+
+@torch.no_grad()
+def encode_images(
+    vision_model: torch.nn.Module,
+    images: Sequence[Image.Image] | torch.Tensor,
+    downsample_factor: int = DOWNSAMPLE_FACTOR,
+    as_one_sequence: bool = False,
+) -> torch.Tensor:
+    """Images -> pooled vision tokens, (num_images, 65, width) for BLIP-2.
+
+    `images` may also be pixel_values already (a float tensor shaped (batch, 3, H, W)). With as_one_sequence the
+    images are joined in input order into one prompt, (1, 65 * num_images, width): the official multi-image layout.
+    """
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+        pixel_values = images
+    else:
+        pixel_values = preprocess_images(images, image_size=_image_size(vision_model))
+    parameter = next(vision_model.parameters())
+    outputs = vision_model(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
+    tokens = pool_vision_tokens(outputs.last_hidden_state, downsample_factor)  # post-layernorm in Blip2VisionModel
+    return tokens.reshape(1, -1, tokens.shape[-1]) if as_one_sequence else tokens
+
+
+def load_vision_encoder(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """Load BLIP-2's vision tower, frozen and in eval mode. Never downloads.
+
+    `path` is either a full BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl: only the `vision_model.*` weights are
+    read, the 11B language model is not loaded) or a folder saved from a `Blip2VisionModel` alone.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(
+            f"vision encoder folder '{path}' has no config.json. Point it at a local copy of "
+            f"Salesforce/blip2-flan-t5-xxl (or a folder saved from Blip2VisionModel)."
+        )
+    transformers = import_transformers()
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type == "blip_2_vision_model":
+        dtype_argument = "dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype"
+        model = transformers.Blip2VisionModel.from_pretrained(path, local_files_only=True, **{dtype_argument: dtype})
+    elif model_type == "blip-2":
+        vision_config = transformers.Blip2VisionConfig(**config.get("vision_config", {}))
+        model = transformers.Blip2VisionModel(vision_config)
+        state = _read_prefixed_weights(path, VISION_PREFIX)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ModelFolderError(
+                f"'{path.name}' lacks vision tower weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: the "
+                f"download is incomplete. Fetch every *.safetensors file of the BLIP-2 repository."
+            )
+        if unexpected:
+            logger.warning("ignoring %d unexpected vision keys in %s", len(unexpected), path.name)
+    else:
+        raise ModelFolderError(
+            f"'{path.name}' is a '{model_type}' model, not BLIP-2. ThinkDiff-CLIP uses the vision tower of "
+            f"Salesforce/blip2-flan-t5-xxl (model_type 'blip-2')."
+        )
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _image_size(vision_model: torch.nn.Module) -> int:
+    size = getattr(getattr(vision_model, "config", None), "image_size", IMAGE_SIZE)
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
+def _read_prefixed_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with `prefix` (prefix removed), read from a folder's safetensors (sharded or not)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({name for key, name in weight_map.items() if key.startswith(prefix)})
+    else:
+        files = [file.name for file in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise ModelFolderError(
+            f"'{path.name}' has no safetensors weights for '{prefix}*'. Download the safetensors files of the "
+            f"BLIP-2 repository (pickled *.bin weights are not read)."
+        )
+    state = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key.startswith(prefix):
+                    state[key.removeprefix(prefix)] = handle.get_tensor(key)
+    return state
