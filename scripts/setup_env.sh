@@ -13,8 +13,9 @@ STAMP="$VENV/.thinkdiff-requirements"
 WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[setup] installing requirements-dev.txt into $VENV (the first time takes a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
+    # pip's notes about this machine's local wheel folders are noise; real errors still fail the script.
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2)
+    "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements-dev.txt" 2> >(grep -v "is ignored: it is neither" >&2)
     echo "$WANT" > "$STAMP"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
