@@ -106,3 +106,12 @@ def test_diffusers_embeds_from_conditioning():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         build_flux_conditioning(torch.randn(1, 5, 32), base=base(), mode="sideways")
+
+
+def test_text_tokens_trims_the_base_padding():
+    """ComfyUI pads T5 text to 256 tokens; the CLIP recipe used 128: image tokens first, then 128 text tokens."""
+    b = base(tokens=256)
+    out = build_flux_conditioning(torch.randn(1, 65, 32), base=b, mode="prepend", text_tokens=128)
+    assert out[0][0].shape == (1, 193, 32)
+    assert torch.equal(out[0][0][:, 65:], b[0][0][:, :128])
+    assert b[0][0].shape == (1, 256, 32)  # the base itself is untouched

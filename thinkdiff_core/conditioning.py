@@ -35,7 +35,7 @@ def check_aligner_fits(aligner: ThinkDiffAligner, width: int, variant: str, sour
         raise AlignerMismatchError(
             f"the aligner expects {spec.input_dim}-dim features{trained_on}, but {source or 'the encoder'} gives "
             f"{width}-dim features. Load the aligner trained for this model, or the model it was trained for "
-            f"(3584 = Qwen2-VL-7B-Instruct for the released LVLM aligner)."
+            f"(3584 = Qwen2-VL-7B-Instruct for the released LVLM aligner, 1408 = BLIP-2's vision tower for the CLIP one)."
         )
 
 
@@ -54,20 +54,30 @@ def align_features(
     device: torch.device | str | None = None,
     strength: float = 1.0,
 ) -> torch.Tensor:
-    """Run the aligner over the valid VLM vectors: (batch, num_tokens, input_dim) -> (batch, num_tokens, output_dim).
+    """Run the aligner over the features: (batch, tokens, input_dim) -> (batch, tokens, output_dim).
 
-    Returns float32 on the CPU (ComfyUI moves conditioning to the model's device and dtype itself).
-    Rows shorter than num_tokens (generation stopped at EOS) are zero-padded after alignment.
+    `features` is a VlmFeatures (variant "lvlm") or a vision encoder's features (variant "clip"); the aligner must
+    be of the same variant and width. Returns float32 on the CPU (ComfyUI moves conditioning to the model's device
+    and dtype itself). Rows shorter than the batch (generation stopped at EOS) are zero-padded after alignment.
+    The aligner is moved to `device` only for the call and put back where it was.
     """
-    check_aligner_fits(aligner, features.vlm_hidden_size, "lvlm", features.source_model or "the VLM")
-    check_finite(features.hidden_states, "the VLM features")
+    variant = getattr(features, "variant", "lvlm")
+    source = features.source_model or ("the VLM" if variant == "lvlm" else "the vision encoder")
+    check_aligner_fits(aligner, features.hidden_states.shape[-1], variant, source)
+    check_finite(features.hidden_states, f"the {variant} features")
     parameter = next(aligner.parameters())
-    device = parameter.device if device is None else torch.device(device)
-    with torch.inference_mode():
-        aligned = aligner.to(device)(features.hidden_states.to(device=device, dtype=parameter.dtype))
+    home = parameter.device
+    device = home if device is None else torch.device(device)
+    try:
+        with torch.inference_mode():
+            aligned = aligner.to(device)(features.hidden_states.to(device=device, dtype=parameter.dtype))
+    finally:
+        aligner.to(home)
     aligned = aligned.float().cpu() * strength
-    valid = torch.arange(aligned.shape[1])[None, :] < features.lengths[:, None]
-    aligned = aligned * valid[..., None]
+    lengths = getattr(features, "lengths", None)
+    if lengths is not None:
+        valid = torch.arange(aligned.shape[1])[None, :] < lengths.cpu()[:, None]
+        aligned = aligned * valid[..., None]
     check_finite(aligned, "the aligned tokens")
     return aligned
 
@@ -77,6 +87,7 @@ def build_flux_conditioning(
     base: list | None = None,
     mode: str = "replace",
     guidance: float | None = DEFAULT_GUIDANCE,
+    text_tokens: int = 0,
 ) -> list[list]:
     """A FLUX CONDITIONING from aligned tokens (batch, tokens, 4096) and an optional base conditioning.
 
@@ -84,6 +95,8 @@ def build_flux_conditioning(
     append / prepend: the aligned tokens after / before each base entry's tokens.
     Without a base the pooled output is zeros (legal in ComfyUI, but the recipe uses CLIP-L("")) and guidance is
     `guidance`. Never modifies `base`: new lists, copied option dicts.
+    text_tokens > 0 keeps only the first text_tokens tokens of each base entry: ComfyUI pads T5 text to at least
+    256 tokens, the official ThinkDiff-CLIP inference to 128 (recipe section 10), so 128 reproduces the recipe.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -102,6 +115,8 @@ def build_flux_conditioning(
                 f"cannot {mode} {aligned.shape[-1]}-wide aligned tokens to a {cond.shape[-1]}-wide conditioning: "
                 f"the base must come from FLUX's text encoder (T5-XXL, 4096 wide)."
             )
+        if text_tokens > 0:
+            cond = cond[:, :text_tokens]
         tokens = _match_batch(aligned, cond.shape[0]).to(cond.dtype if cond.is_floating_point() else aligned.dtype)
         if mode == "append":
             tokens = torch.cat([cond, tokens.to(cond.device)], dim=1)

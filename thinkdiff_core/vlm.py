@@ -85,6 +85,7 @@ class VlmFeatures:
     text: list[str]
     source_model: str = ""
     prompt_states: torch.Tensor | None = field(default=None, repr=False)
+    variant = "lvlm"  # class constant, not a field: which aligner variant these features feed
 
     @property
     def vlm_hidden_size(self) -> int:
