@@ -1,0 +1,353 @@
+"""Shared helpers for the opt-in tests against a real ComfyUI: stand-in models, a ComfyUI home folder, the server.
+
+Opt-in: these tests run only when COMFYUI_PATH points at a ComfyUI checkout (verified: 0.3.64, commit a125cd84);
+`scripts/comfyui_integration.sh` installs what they need and runs them. Without COMFYUI_PATH every test here is
+skipped at collection, and this module imports only the standard library, so the default run stays fast.
+
+ComfyUI runs in a subprocess with COMFYUI_PYTHON (default: this interpreter). Its python needs ComfyUI's
+requirements plus this pack's; the tests talk to it over HTTP only (stdlib urllib).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .comfy_standins import FILES as STANDIN_FILES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+PACK_LINK_NAME = "ComfyUI-ThinkDiff"
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+STANDIN_VERSION = "v1"  # bump when a stand-in builder changes, so cached files are rebuilt
+
+# Stand-in file names. The loaders' widget values in the test copies of the workflows point at these.
+TINY_VLM = "tiny-qwen2-vl-STANDIN"
+TINY_VLM_HIDDEN = 64
+TINY_ALIGNER = "tiny-lvlm-aligner-STANDIN.safetensors"
+COMFY_STANDINS = STANDIN_FILES  # built by comfy_standins.py
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+
+
+def comfyui_available() -> bool:
+    return bool(COMFYUI_PATH) and (Path(COMFYUI_PATH) / "main.py").is_file()
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if not Path(CHROMIUM).is_file():
+        return f"{CHROMIUM} not found (Debian: apt-get install chromium)"
+    if shutil.which("node") is None:
+        return "node not found"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return f"playwright-core not installed: run `npm ci` in {BROWSER_DIR.relative_to(REPO_ROOT)}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the opt-in tests cleanly (no ComfyUI import, no model builds) when their requirements are absent."""
+    no_comfyui = pytest.mark.skip(
+        reason="set COMFYUI_PATH to a ComfyUI checkout (e.g. 0.3.64) to run the real-ComfyUI tests"
+    )
+    for item in items:
+        if ("comfyui" in item.keywords or "browser" in item.keywords) and not comfyui_available():
+            item.add_marker(no_comfyui)
+        elif "browser" in item.keywords and browser_missing():
+            item.add_marker(pytest.mark.skip(reason=browser_missing()))
+
+
+def comfyui_python() -> str:
+    return os.environ.get("COMFYUI_PYTHON") or sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- stand-in models -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def standin_dir(request, tmp_path_factory) -> Path:
+    """Cached stand-ins: FLUX/VAE/CLIP-L built by ComfyUI's own classes (comfy_standins.py, in a subprocess with
+    ComfyUI's python), the tiny Qwen2-VL folder and a matching aligner. Reused across runs via pytest's cache
+    (override with THINKDIFF_STANDIN_CACHE)."""
+    if os.environ.get("THINKDIFF_STANDIN_CACHE"):
+        base = Path(os.environ["THINKDIFF_STANDIN_CACHE"])
+    elif request.config.cache is not None:
+        base = Path(request.config.cache.mkdir("thinkdiff_comfyui_standins"))
+    else:
+        base = tmp_path_factory.mktemp("standins")
+    out = base / STANDIN_VERSION
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if not all((out / name).exists() for name in COMFY_STANDINS.values()):
+        subprocess.run(
+            [comfyui_python(), str(Path(__file__).with_name("comfy_standins.py")), COMFYUI_PATH, str(out)],
+            check=True,
+            cwd=REPO_ROOT,
+            timeout=600,
+        )
+    from thinkdiff_core import save_aligner, standin
+
+    if not (out / TINY_VLM / "config.json").exists():
+        standin.build_qwen2vl(out / f"{TINY_VLM}.tmp")
+        (out / f"{TINY_VLM}.tmp").rename(out / TINY_VLM)
+    if not (out / TINY_ALIGNER).exists():
+        save_aligner(
+            standin.build_aligner(input_dim=TINY_VLM_HIDDEN, output_dim=4096, source_model=TINY_VLM), out / TINY_ALIGNER
+        )
+    print(f"[standins] ready in {time.perf_counter() - started:.1f} s at {out}")
+    return out
+
+
+# --- a ComfyUI home folder ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComfyHome:
+    """Folders one test server uses; models go under models/<ComfyUI folder key>/."""
+
+    root: Path
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def input(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def user(self) -> Path:
+        return self.root / "user"
+
+    @property
+    def yaml(self) -> Path:
+        return self.root / "extra_model_paths.yaml"
+
+    def add_model(self, folder: str, name: str, source: Path | None = None) -> Path:
+        """Link `source` (file or folder) into models/<folder>/<name>; without a source, an empty placeholder file."""
+        target = self.models / folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            target.touch()
+        elif source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)  # small folders only (the tiny VLM)
+        else:
+            target.symlink_to(source)
+        return target
+
+
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "LLM", "thinkdiff")
+
+
+def make_home(root: Path) -> ComfyHome:
+    """An isolated ComfyUI home: this pack linked as a custom node, model folders, input images, user settings."""
+    home = ComfyHome(root)
+    for folder in (home.input, home.output, home.user / "default", home.root / "custom_nodes"):
+        folder.mkdir(parents=True, exist_ok=True)
+    for key in MODEL_FOLDERS:
+        (home.models / key).mkdir(parents=True, exist_ok=True)
+    (home.root / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    for picture in (WORKFLOWS_DIR / "input").glob("*.png"):
+        shutil.copy(picture, home.input / picture.name)
+    lines = ["thinkdiff_tests:", f"    base_path: {home.root}", "    custom_nodes: custom_nodes"]
+    lines += [f"    {key}: models/{key}" for key in MODEL_FOLDERS]
+    home.yaml.write_text("\n".join(lines) + "\n")
+    # Frontend settings: no first-run templates dialog; no minimap, canvas menu or render stats in screenshots.
+    settings = {
+        "Comfy.TutorialCompleted": True,
+        "Comfy.Minimap.Visible": False,
+        "Comfy.Graph.CanvasMenu": False,
+        "Comfy.Graph.CanvasInfo": False,
+    }
+    (home.user / "default" / "comfy.settings.json").write_text(json.dumps(settings))
+    return home
+
+
+# --- the server -----------------------------------------------------------------------------------------------------
+
+
+class ComfyServer:
+    """A headless ComfyUI subprocess and a small HTTP client for it."""
+
+    def __init__(self, home: ComfyHome, front_end_root: Path | None = None, startup_timeout: float = 180.0) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home.root / f"comfyui-{self.port}.log"
+        command = [
+            comfyui_python(),
+            str(Path(COMFYUI_PATH) / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--extra-model-paths-config",
+            str(home.yaml),
+            "--output-directory",
+            str(home.output),
+            "--input-directory",
+            str(home.input),
+            "--user-directory",
+            str(home.user),
+            "--database-url",
+            f"sqlite:///{home.root / 'db.sqlite'}",
+            "--disable-auto-launch",
+        ]
+        if front_end_root is not None:
+            command += ["--front-end-root", str(front_end_root)]
+        env = dict(
+            os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1"
+        )
+        self._log = self.log_path.open("wb")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, cwd=home.root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready(startup_timeout)
+        self.startup_seconds = time.perf_counter() - self.started
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during start-up:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                if self.get("/system_stats") is not None:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path: str):
+        status, payload = self.request("GET", path)
+        assert status == 200, f"GET {path} -> {status}: {payload}"
+        return payload
+
+    def queue(self, prompt: dict, extra_data: dict | None = None) -> tuple[int, dict]:
+        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        if extra_data:
+            body["extra_data"] = extra_data
+        return self.request("POST", "/prompt", body)
+
+    def wait_for_history(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        """The /history entry of a prompt once it has finished (success or error)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+                return entry
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=20)
+        self._log.close()
+
+    @staticmethod
+    def execution_error(entry: dict) -> dict | None:
+        """The execution_error message of a /history entry, if any."""
+        for kind, data in entry.get("status", {}).get("messages", []):
+            if kind == "execution_error":
+                return data
+        return None
+
+    def pack_import_failures(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "IMPORT FAILED" in line and PACK_LINK_NAME in line]
+
+
+@dataclass(frozen=True)
+class Standins:
+    """Names of the stand-in models (the test copies of the workflows point their loaders at these)."""
+
+    dir: Path
+    vlm: str = TINY_VLM
+    vlm_hidden_size: int = TINY_VLM_HIDDEN
+    aligner: str = TINY_ALIGNER
+    flux: str = COMFY_STANDINS["flux"]
+    vae: str = COMFY_STANDINS["vae"]
+    clip_l: str = COMFY_STANDINS["clip_l"]
+
+    def install(self, home: ComfyHome) -> None:
+        home.add_model("LLM", self.vlm, self.dir / self.vlm)
+        home.add_model("thinkdiff", self.aligner, self.dir / self.aligner)
+        home.add_model("diffusion_models", self.flux, self.dir / self.flux)
+        home.add_model("vae", self.vae, self.dir / self.vae)
+        home.add_model("text_encoders", self.clip_l, self.dir / self.clip_l)
+
+
+@pytest.fixture(scope="session")
+def standins(standin_dir) -> Standins:
+    return Standins(standin_dir)
+
+
+@pytest.fixture(scope="module")
+def new_comfy_home(tmp_path_factory):
+    """A factory of fresh ComfyUI home folders (see make_home)."""
+    return lambda: make_home(tmp_path_factory.mktemp("comfyui_home"))
+
+
+@pytest.fixture(scope="module")
+def start_comfyui():
+    """A factory that starts ComfyServer(home, front_end_root); every server it started is stopped afterwards."""
+    servers: list[ComfyServer] = []
+
+    def start(home: ComfyHome, front_end_root: Path | None = None) -> ComfyServer:
+        server = ComfyServer(home, front_end_root=front_end_root)
+        servers.append(server)
+        print(f"[comfyui] ready in {server.startup_seconds:.1f} s on {server.url}, log {server.log_path}")
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
