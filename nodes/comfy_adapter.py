@@ -33,6 +33,7 @@ except ImportError:
 
 ALIGNER_FOLDER = "thinkdiff"
 VLM_FOLDER = "LLM"
+VISION_FOLDERS = ("clip_vision", ALIGNER_FOLDER)  # BLIP-2 vision towers: ComfyUI's folder, or next to the aligners
 ALIGNER_EXTENSIONS = {".safetensors", ".pth", ".pt"}
 _standalone_root: Path | None = None
 
@@ -85,29 +86,54 @@ def list_vlm_folders() -> list[str]:
     return sorted(names)
 
 
+def list_vision_encoders() -> list[str]:
+    """BLIP-2 vision towers in models/clip_vision or models/thinkdiff: folders with a config.json, or single
+    safetensors files written by `python -m thinkdiff_core extract-vision` (recognised by their header)."""
+    from thinkdiff_core.vision import is_vision_tower_file
+
+    names = set()
+    for key in VISION_FOLDERS:
+        for base in folder_paths_for(key):
+            if not base.is_dir():
+                continue
+            for config in [*base.glob("*/config.json"), *base.glob("*/*/config.json")]:
+                names.add(config.parent.relative_to(base).as_posix())
+            for file in base.rglob("*.safetensors"):
+                if is_vision_tower_file(file):
+                    names.add(file.relative_to(base).as_posix())
+    return sorted(names)
+
+
 def aligner_path(name: str) -> Path:
-    return _resolve(ALIGNER_FOLDER, name, want_dir=False)
+    return _resolve((ALIGNER_FOLDER,), name, kind="file")
 
 
 def vlm_path(name: str) -> Path:
-    return _resolve(VLM_FOLDER, name, want_dir=True)
+    return _resolve((VLM_FOLDER,), name, kind="folder")
 
 
-def _resolve(key: str, name: str, want_dir: bool) -> Path:
-    bases = folder_paths_for(key)
+def vision_encoder_path(name: str) -> Path:
+    return _resolve(VISION_FOLDERS, name, kind="file or folder")
+
+
+def _resolve(keys: tuple[str, ...], name: str, kind: str) -> Path:
+    """The path of `name` inside the first of the model folders `keys` that has it; `kind`: file, folder or both."""
+    error = CheckpointError if kind == "file" else ModelFolderError
+    where_names = " or ".join(f"models/{key}" for key in keys)
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise (ModelFolderError if want_dir else CheckpointError)(
-            f"'{name}' is not a name inside models/{key}: names must be relative and stay inside the folder "
+        raise error(
+            f"'{name}' is not a name inside {where_names}: names must be relative and stay inside the folder "
             f"(no absolute paths, no '..'). Choose one from the list."
         )
+    bases = [base for key in keys for base in folder_paths_for(key)]
     for base in bases:
         candidate = base / name  # lexically inside base (no '..', not absolute); symlinked model folders still work
-        if candidate.is_dir() if want_dir else candidate.is_file():
+        if (kind != "folder" and candidate.is_file()) or (kind != "file" and candidate.is_dir()):
             return candidate
     where = ", ".join(str(b) for b in bases)
-    raise (ModelFolderError if want_dir else CheckpointError)(
-        f"'{name}' was not found in models/{key} ({where}). Put the {'model folder' if want_dir else 'file'} there "
-        f"and press 'r' (refresh) in ComfyUI, or fix extra_model_paths.yaml."
+    raise error(
+        f"'{name}' was not found in {where_names} ({where}). Put the {kind} there and press 'r' (refresh) in "
+        f"ComfyUI, or fix extra_model_paths.yaml."
     )
 
 
@@ -142,56 +168,60 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-# --- the VLM under model management ------------------------------------------------------------------------------
+# --- models under model management ------------------------------------------------------------------------------
 
 
 class _Holder(torch.nn.Module):
-    """Wraps the transformers model for ModelPatcher, which sets `.device` (read-only on transformers models)."""
+    """Wraps a model for ModelPatcher, which sets `.device` (read-only on transformers models)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         super().__init__()
-        self.vlm = model
+        self.wrapped = module
         self.device = device
 
 
 @dataclass
-class VlmHandle:
-    """What the VLM loader node outputs: the core bundle plus ComfyUI's patcher for it (None standalone)."""
+class ManagedModel:
+    """What a loader node outputs: the core object (`model`: a VlmBundle or a vision tower), its weights (`module`)
+    and, inside ComfyUI, the ModelPatcher that lets ComfyUI load and evict it like its own models."""
 
-    bundle: Any
+    model: Any
+    module: torch.nn.Module
     load_device: torch.device
     offload_device: torch.device
     patcher: Any = None
 
 
-def wrap_vlm(bundle: Any, load_device: torch.device) -> VlmHandle:
+def manage(model: Any, module: torch.nn.Module, load_device: torch.device) -> ManagedModel:
+    """Put a model loaded on the offload device under management; it goes to `load_device` only while in use."""
     offload = offload_device()
-    handle = VlmHandle(bundle=bundle, load_device=load_device, offload_device=offload)
+    handle = ManagedModel(model=model, module=module, load_device=load_device, offload_device=offload)
     if IN_COMFYUI:
-        holder = _Holder(bundle.model, offload)
-        size = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
-        handle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload, size=size)
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        handle.patcher = comfy.model_patcher.ModelPatcher(
+            _Holder(module, offload), load_device=load_device, offload_device=offload, size=size
+        )
     return handle
 
 
-def load_vlm_to_device(handle: VlmHandle) -> None:
-    """Put the VLM on its compute device; inside ComfyUI through model management, so it and FLUX evict each other."""
+def load_to_device(handle: ManagedModel) -> None:
+    """Put the model on its compute device; inside ComfyUI through model management, so it and FLUX evict each other."""
     if handle.patcher is not None:
         # Full load: plain transformers Linear layers cannot be partially offloaded by ComfyUI.
         model_management.load_models_gpu([handle.patcher], force_full_load=True)
     else:
-        handle.bundle.model.to(handle.load_device)
+        handle.module.to(handle.load_device)
 
 
-def release_vlm(handle: VlmHandle) -> None:
-    """Give the VLM's compute-device memory back (the weights stay loaded on the offload device)."""
+def release(handle: ManagedModel) -> None:
+    """Give the model's compute-device memory back (the weights stay loaded on the offload device)."""
     if handle.patcher is not None:
         for loaded in list(model_management.current_loaded_models):
             if loaded.model is handle.patcher:
                 loaded.model_unload()
                 model_management.current_loaded_models.remove(loaded)
     else:
-        handle.bundle.model.to(handle.offload_device)
+        handle.module.to(handle.offload_device)
     empty_cache()
 
 

@@ -47,12 +47,12 @@ class ThinkDiffVLMEncode:
         pictures = [pil for key in sorted(images, key=_image_number) if images[key] is not None for pil in pil_images_from_tensor(images[key])]
         messages = chat_messages(layout_content(layout, prompt, pictures))
         settings = GenerationSettings(num_tokens=num_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
-        adapter.load_vlm_to_device(vlm)
+        adapter.load_to_device(vlm)
         try:
-            features = encode_with_vlm(vlm.bundle, messages, settings, on_token=adapter.token_progress(num_tokens)).to("cpu")
+            features = encode_with_vlm(vlm.model, messages, settings, on_token=adapter.token_progress(num_tokens)).to("cpu")
         finally:
             if not keep_model_loaded:
-                adapter.release_vlm(vlm)
+                adapter.release(vlm)
         return {"ui": {"text": features.text[:1]}, "result": (features, features.text[0])}
 
 

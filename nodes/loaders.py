@@ -37,8 +37,14 @@ class ThinkDiffVLMLoader:
     def load(self, model, dtype, device, attention, trust_remote_code):
         load_device = adapter.compute_device(device)
         torch_dtype = DTYPES[dtype] or adapter.default_dtype(load_device)
-        bundle = load_vlm(adapter.vlm_path(model), dtype=torch_dtype, device=adapter.offload_device(), attn_implementation=attention, trust_remote_code=trust_remote_code)
-        return (adapter.wrap_vlm(bundle, load_device),)
+        bundle = load_vlm(
+            adapter.vlm_path(model),
+            dtype=torch_dtype,
+            device=adapter.offload_device(),
+            attn_implementation=attention,
+            trust_remote_code=trust_remote_code,
+        )
+        return (adapter.manage(bundle, bundle.model, load_device),)
 
 
 class ThinkDiffAlignerLoader:
