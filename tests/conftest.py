@@ -49,3 +49,54 @@ def standalone_models(models_root):
     comfy_adapter.set_models_root(models_root)
     yield models_root
     comfy_adapter.set_models_root(None)
+
+
+# --- training (train/): tiny T5 / Qwen2-VL / BLIP-2 vision and a shape-picture dataset, built once ----------------
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    """train/make_tiny_data.py's output: models/{t5,qwen2vl,blip2_vision}, shards/train-00{0,1}.tar (20 pictures + 1
+    corrupt one), val.jsonl (4 pictures)."""
+    from train import make_tiny_data
+
+    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_train")), "--train-images", "20", "--val-images", "4"])
+
+
+def tiny_overrides(data_dir, **extra) -> list[str]:
+    """`--set` arguments pointing the tiny configs at a tiny_train_data folder, plus test-size settings."""
+    values = {
+        "t5_path": data_dir / "models" / "t5",
+        "vlm_path": data_dir / "models" / "qwen2vl",
+        "vision_path": data_dir / "models" / "blip2_vision",
+        "train_data": data_dir / "shards" / "train-{000..001}.tar",
+        "val_data": data_dir / "val.jsonl",
+        "features_dir": data_dir / "features",
+        "max_new_tokens": 12,
+        "samples_per_shard": 8,
+        "report_to": "none",
+        **extra,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_train_data):
+    """LVLM training features of the tiny data (3 shards of at most 8 samples, 12 tokens each at most)."""
+    from train import extract_features
+
+    return extract_features.main(["--config", "train/configs/tiny.yaml", *tiny_overrides(tiny_train_data)])
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """The stand-in FluxPipeline (T5 width 4096, CLIP-L pooled 768) saved as a diffusers folder."""
+    return standin.save_flux_pipeline(tmp_path_factory.mktemp("flux") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def cobsat_mini_root(tmp_path_factory):
+    """The procedurally drawn mini CoBSAT Color theme (100 pictures of 32 px)."""
+    from thinkdiff_core.eval.mini import make_mini
+
+    return make_mini(tmp_path_factory.mktemp("cobsat_mini"))

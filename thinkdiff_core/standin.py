@@ -271,8 +271,11 @@ def build_t5(path: str | Path, d_model: int = 32, seed: int = 0, corpus: list[st
     )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # a non-trivial final norm, so that copying it into the aligner is visible in tests
+    with torch.no_grad():
+        # A non-trivial final norm, so that copying it into the aligner is visible in tests; and an output layer
+        # scaled like a trained model's (T5's default init gives logits so large that the first loss is ~25).
         model.encoder.final_layer_norm.weight.uniform_(0.5, 1.5)
+        model.lm_head.weight.normal_(0.0, d_model**-0.5)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -307,4 +310,32 @@ def build_blip2_vision(path: str | Path, hidden_size: int = 48, seed: int = 0, f
     state["query_tokens"] = torch.zeros(1, 4, 8)  # a non-vision key, as in the real file
     save_file(state, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({"model_type": "blip-2", "vision_config": config.to_diff_dict()}))
+    return path
+
+
+def save_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Save `build_flux_pipeline()` as a diffusers pipeline folder (model_index.json + components) at `path`."""
+    path = Path(path)
+    build_flux_pipeline(seed=seed).save_pretrained(path)
+    return path
+
+
+def build_clip(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny CLIPModel + CLIPProcessor (32 px images, patch 8, width 32) at `path`: the CLIP-proxy judge stand-in."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
+    tokenizer.model_max_length = 77
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path

@@ -1,0 +1,175 @@
+"""One flat config for feature extraction and aligner training; defaults are the paper's recipe.
+
+Precedence: these defaults < the YAML file < `--set key=value` < the dedicated flags (`--output-dir`, `--max-steps`).
+Unknown keys are errors (a typo must not silently fall back to a default). Relative paths are relative to the
+working directory. Recipe section numbers refer to docs/reference thinkdiff-recipe.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from thinkdiff_core.errors import ThinkDiffError
+
+
+class ConfigError(ThinkDiffError):
+    """A config file or override is missing, malformed or names an unknown key."""
+
+
+@dataclass
+class Config:
+    # --- what to train ---------------------------------------------------------------------------------------
+    variant: str = "lvlm"  # "lvlm" (VLM generated-token features) or "clip" (BLIP-2 vision tokens + caption)
+    output_dir: str = "runs/thinkdiff"
+    seed: int = 42
+
+    # --- frozen models: local Hugging Face folders (nothing is downloaded) --------------------------------------
+    t5_path: str = ""  # google/flan-t5-xxl: proxy decoder (both variants) and text encoder (clip), recipe section 1
+    vlm_path: str = ""  # Qwen/Qwen2-VL-7B-Instruct (lvlm feature extraction)
+    vision_path: str = ""  # Salesforce/blip2-flan-t5-xxl, only its vision tower is read (clip)
+    frozen_dtype: str = "bfloat16"  # frozen T5 / vision tower / VLM in bf16 (recipe section 9)
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    # Image + caption sources: webdataset .tar shards (globs and {000..123} ranges allowed), a folder of images with
+    # same-name .txt captions, or a .jsonl of {"image": path, "caption": text}.
+    train_data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)  # empty: hold out the last `val_samples` training samples
+    val_samples: int = 1000
+    features_dir: str = ""  # lvlm: where extract_features.py writes its shards and training reads them
+
+    # --- feature extraction (extract_features.py), recipe sections 4-6 -----------------------------------------
+    extract_batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float = 0.9
+    samples_per_shard: int = 500
+    feature_dtype: str = "bfloat16"  # the official precompute stored bf16
+    keep_prompt_states: bool = False  # also store prompt-token states, for the input-token ablation
+    max_image_pixels: int = 1280 * 28 * 28  # the official run used native resolution; this caps very large images
+
+    # --- the proxy task, recipe section 8 ---------------------------------------------------------------------------
+    split: bool = True  # ablation False: the whole sequence in, the whole sequence out
+    features: str = "generated"  # ablation "input": prompt-token states instead of generated-token states
+    norm_init: str = "t5"  # ablation "ones": the aligner norm keeps its default all-ones init (paper Fig. 7)
+    max_prefix_tokens: int = 128  # s is drawn from 1..min(L-1, 128)
+    max_target_tokens: int = 128  # T5 target tokens, </s> included
+    max_input_tokens: int = 1024  # input-token ablation: keep at most the last this many prompt states
+    caption_max_words: int = 50  # clip: caption cleaning
+    clip_text_tokens: int = 32  # clip: cap on each caption part, </s> included
+    vision_downsample_factor: int = 2  # clip: 16x16 patches -> 8x8, 65 tokens per image (recipe section 7)
+
+    # --- optimisation, recipe section 9 ---------------------------------------------------------------------------
+    batch_size: int = 32  # per process and micro-step
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 25000
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 8e-5
+    warmup_start_learning_rate: float = 1e-6
+    warmup_steps: int = 2000
+    lr_decay_steps: int = 200000  # cosine length after warmup (40 x 5000 in the official config)
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs: "no")
+
+    # --- bookkeeping ----------------------------------------------------------------------------------------------
+    log_every: int = 10
+    eval_every: int = 1000
+    val_batches: int = 20
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    num_workers: int = 4
+    report_to: str = "tensorboard"  # an accelerate tracker name, or "none"
+
+    def validate(self) -> Config:
+        choices = {"variant": ("lvlm", "clip"), "features": ("generated", "input"), "norm_init": ("t5", "ones")}
+        choices["mixed_precision"] = ("no", "bf16", "fp16")
+        choices["frozen_dtype"] = choices["feature_dtype"] = ("float32", "bfloat16", "float16")
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"{item.name} must not be negative, got {value}")
+        for key in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_prefix_tokens",
+            "max_target_tokens",
+            "samples_per_shard",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.variant == "clip" and self.features != "generated":
+            raise ConfigError(
+                "features='input' is an ablation of the lvlm variant; the clip variant has no VLM features"
+            )
+        return self
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides, then `explicit` values that are not None."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file '{path}' not found. The shipped configs are in train/configs/ (lvlm.yaml, clip.yaml, tiny.yaml, tiny_clip.yaml)."
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"'{path}' is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"'{path}' must hold a mapping of config keys, got a {type(loaded).__name__}")
+        values.update(loaded)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {override!r} (e.g. --set batch_size=8)")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    values.update({key: value for key, value in explicit.items() if value is not None})
+    return Config(**_coerce(values)).validate()
+
+
+def _coerce(values: dict) -> dict:
+    hints = typing.get_type_hints(Config)
+    names = [item.name for item in dataclasses.fields(Config)]
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=3)
+            raise ConfigError(
+                f"unknown config key {key!r}{f'; did you mean {close}?' if close else ''} Known keys are listed in train/config.py."
+            )
+        kind = hints[key]
+        try:
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            if typing.get_origin(kind) is list:
+                value = [] if value in (None, "") else [str(v) for v in (value if isinstance(value, list) else [value])]
+            elif kind in (int, float):
+                if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(f"expected {kind.__name__}")
+                value = kind(float(value)) if kind is int else float(value)  # PyYAML reads 1e-4 as a string
+            elif kind is str:
+                value = "" if value is None else str(value)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{key}: cannot use {value!r} ({error})") from error
+        out[key] = value
+    return out
+
+
+def as_flat_dict(config: Config) -> dict:
+    """The config as str/int/float/bool values, for trackers (TensorBoard hparams take no lists)."""
+    return {
+        key: (", ".join(value) if isinstance(value, list) else value)
+        for key, value in dataclasses.asdict(config).items()
+    }

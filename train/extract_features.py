@@ -1,0 +1,221 @@
+"""Precompute ThinkDiff-LVLM training features: run the VLM over an image dataset and store, per image, the final-norm
+states of the tokens it generates, the token ids and the text (recipe sections 4-6).
+
+Each image gets one of INSTRUCTIONS at random (the dataset caption is not shown to the VLM), and the VLM samples an
+answer with temperature 0.6, top-p 0.9, top-k off, at most 256 tokens, stopping at its end-of-turn token.
+
+    # one GPU
+    python train/extract_features.py --config train/configs/lvlm.yaml
+    # N GPUs (or several machines, see train/README.md): shards are dealt out round robin
+    accelerate launch --multi_gpu --num_processes N train/extract_features.py --config train/configs/lvlm.yaml
+    # the tiny CPU run
+    python train/extract_features.py --config train/configs/tiny.yaml
+
+Resumable: finished shards are skipped; a shard interrupted half-way is redone from its start. Shard k always holds
+source samples [k * samples_per_shard, (k + 1) * samples_per_shard), and instructions and sampling seeds depend only on
+the seed and the sample/shard numbers, so a resumed run writes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find thinkdiff_core
+
+import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from thinkdiff_core.errors import ThinkDiffError  # noqa: E402
+from thinkdiff_core.vlm import GenerationSettings, chat_messages, encode_with_vlm, image_part, load_vlm, text_part  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
+from train.data import list_samples, load_image, shard_is_complete, write_feature_shard  # noqa: E402
+
+logger = logging.getLogger("thinkdiff.extract")
+
+# Our own instructions, in the spirit of the official 16 (recipe section 6): half ask for a description, half for a
+# text-to-image prompt.
+INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Describe this image in detail.",
+    "What is shown in this picture? Answer in one or two sentences.",
+    "Give a short caption for this image.",
+    "Describe the main subject of the image and its surroundings.",
+    "Explain what you see in the image, including colours and composition.",
+    "Write a brief description of the scene in this photo.",
+    "Summarise the content of this image.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Write a diffusion prompt for this image.",
+    "Write a text-to-image prompt that would produce a picture like this one.",
+    "Create a detailed prompt for an image generator to reproduce this image.",
+    "Describe this image as a prompt for a diffusion model, with its style and lighting.",
+    "Write a prompt for Stable Diffusion that captures this image.",
+    "Turn this image into a short prompt for an image generation model.",
+    "Give a comma-separated list of keywords that an image generator could use to recreate this picture.",
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML config (train/configs/*.yaml)")
+    parser.add_argument("--features-dir", default=None, help="where to write the shards (overrides features_dir)")
+    parser.add_argument(
+        "--max-shards", type=int, default=None, help="stop after this many shards in total (for trials)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    return parser.parse_args(argv)
+
+
+def derived_seed(*parts: object) -> int:
+    """A 31-bit seed from the run seed and sample/shard numbers: independent of process count and of resumes."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
+
+
+def generation_settings(config, shard: int, batch_number: int) -> GenerationSettings:
+    """Recipe section 5 (training precompute): temperature 0.6, top-p 0.9, top-k off, at most 256 tokens, stop at EOS.
+    The sampling seed is derived from the shard and batch, so a redone shard samples the same tokens."""
+    return GenerationSettings(
+        num_tokens=config.max_new_tokens,
+        stop_at_eos=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=derived_seed(config.seed, "sampling", shard, batch_number),
+    )
+
+
+def leading_padding(prompt_ids: torch.Tensor, pad_id: int | None) -> int:
+    """Number of left-padding positions of one prompt row (batched prompts are left-padded, see vlm.prepare_inputs)."""
+    if pad_id is None:
+        return 0
+    not_pad = (prompt_ids != pad_id).nonzero()
+    return int(not_pad[0]) if len(not_pad) else len(prompt_ids)
+
+
+def extract_shard(vlm, samples, shard: int, config) -> tuple[list[dict], list[dict]]:
+    """Run the VLM over one shard's samples in batches; return (records, skipped)."""
+    first = shard * config.samples_per_shard
+    indices = range(first, min(first + config.samples_per_shard, len(samples)))
+    records, skipped = [], []
+    feature_dtype = DTYPES[config.feature_dtype]
+    pad_id = vlm.processor.tokenizer.pad_token_id
+    for batch_number, start in enumerate(range(indices.start, indices.stop, config.extract_batch_size)):
+        batch = []
+        for index in range(start, min(start + config.extract_batch_size, indices.stop)):
+            sample = samples[index]
+            try:  # an unreadable image is recorded and skipped, never fatal
+                image = load_image(sample)
+            except (OSError, ValueError, SyntaxError) as error:
+                logger.warning("skipping unreadable image %s (%s: %s)", sample.key, type(error).__name__, error)
+                skipped.append({"index": index, "key": sample.key, "reason": f"{type(error).__name__}: {error}"})
+                continue
+            instruction = random.Random(derived_seed(config.seed, "instruction", index)).choice(INSTRUCTIONS)
+            batch.append(
+                {
+                    "index": index,
+                    "key": sample.key,
+                    "caption": sample.caption,
+                    "instruction": instruction,
+                    "image": image,
+                }
+            )
+        if not batch:
+            continue
+        conversations = [chat_messages([image_part(item["image"]), text_part(item["instruction"])]) for item in batch]
+        out = encode_with_vlm(
+            vlm,
+            conversations,
+            generation_settings(config, shard, batch_number),
+            keep_prompt_states=config.keep_prompt_states,
+        )
+        for row, item in enumerate(batch):
+            length = int(out.lengths[row])
+            record = {key: item[key] for key in ("index", "key", "caption", "instruction")}
+            record.update(
+                text=out.text[row],
+                length=length,
+                features=out.hidden_states[row, :length].to("cpu", feature_dtype),
+                token_ids=out.generated_ids[row, :length].cpu(),
+            )
+            if config.keep_prompt_states:
+                padding = leading_padding(out.prompt_ids[row], pad_id)
+                record["prompt_features"] = out.prompt_states[row, padding:].to("cpu", feature_dtype)
+            records.append(record)
+    return records, skipped
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides, features_dir=args.features_dir)
+    if not config.features_dir:
+        raise ConfigError("features_dir is empty: set it in the config or pass --features-dir DIR.")
+    if not config.vlm_path:
+        raise ConfigError("vlm_path is empty: set it to a local Qwen2-VL-7B-Instruct folder (see train/README.md).")
+    state = PartialState()
+    logging.basicConfig(
+        level=logging.INFO if state.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    features_dir = Path(config.features_dir)
+
+    samples = list_samples(config.train_data)
+    num_shards = -(-len(samples) // config.samples_per_shard)
+    if args.max_shards is not None:
+        num_shards = min(num_shards, args.max_shards)
+    todo = [shard for shard in range(num_shards) if not shard_is_complete(features_dir, shard)]
+    mine = todo[state.process_index :: state.num_processes]  # round robin over processes
+    logger.info(
+        "%d samples, %d shards, %d finished, %d to do on %d process(es)",
+        len(samples),
+        num_shards,
+        num_shards - len(todo),
+        len(todo),
+        state.num_processes,
+    )
+
+    vlm = load_vlm(
+        config.vlm_path,
+        dtype=DTYPES[config.frozen_dtype],
+        device=state.device,
+        max_image_pixels=config.max_image_pixels,
+    )
+
+    info = {
+        "vlm": vlm.source_model,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed,
+    }
+    total_skipped = 0
+    for shard in tqdm(mine, desc=f"shards (process {state.process_index})", disable=not state.is_local_main_process):
+        records, skipped = extract_shard(vlm, samples, shard, config)
+        write_feature_shard(
+            features_dir, shard, records, {**info, "first_index": shard * config.samples_per_shard, "skipped": skipped}
+        )
+        total_skipped += len(skipped)
+    state.wait_for_everyone()
+    if total_skipped:
+        logger.warning(
+            "process %d skipped %d unreadable image(s); they are listed in the shards' JSON",
+            state.process_index,
+            total_skipped,
+        )
+    logger.info("features in %s", features_dir)
+    return features_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ThinkDiffError as error:
+        sys.exit(f"error: {error}")

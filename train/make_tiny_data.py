@@ -1,0 +1,96 @@
+"""Build everything the tiny training configs need, offline, in a few seconds on a CPU.
+
+    python train/make_tiny_data.py --out tiny_data
+
+Writes under OUT:
+  models/t5             tiny flan-T5 stand-in (d_model 32) + tokenizer      -> t5_path
+  models/qwen2vl        tiny Qwen2-VL (hidden 64) + processor               -> vlm_path
+  models/blip2_vision   tiny BLIP-2 vision tower (224 px, 1 + 16x16 tokens) -> vision_path
+  shards/train-000.tar, train-001.tar  webdataset shards of coloured-shape pictures (key.png + key.txt caption);
+                                       one deliberately corrupt image shows that bad images are skipped and counted
+  val/ + val.jsonl      held-out pictures listed in a JSONL file (the other supported source format)
+The models have random weights: a tiny run shows the plumbing and a falling loss, not what ThinkDiff can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import logging
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find thinkdiff_core
+
+from thinkdiff_core import standin  # noqa: E402
+
+logger = logging.getLogger("thinkdiff.tiny")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="tiny_data", help="output folder (default: tiny_data)")
+    parser.add_argument("--train-images", type=int, default=48)
+    parser.add_argument("--val-images", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=2, help="number of training tar shards")
+    parser.add_argument("--corrupt", type=int, default=1, help="corrupt images to put in the first shard")
+    parser.add_argument("--skip-models", action="store_true", help="only write the data")
+    return parser.parse_args(argv)
+
+
+def shape_pictures(count: int, start: int = 0):
+    """(key, PNG bytes, caption) for `count` pictures cycling through colours, shapes and backgrounds."""
+    combos = list(itertools.product(standin.SHAPE_COLORS, standin.SHAPE_KINDS, standin.SHAPE_BACKGROUNDS))
+    for number in range(start, start + count):
+        color, shape, background = combos[(number * 7) % len(combos)]  # stride 7 mixes neighbours up
+        buffer = io.BytesIO()
+        standin.draw_shape_picture(color, shape, background).save(buffer, format="PNG")
+        yield f"{number:06d}", buffer.getvalue(), standin.shape_caption(color, shape, background)
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    out = Path(args.out)
+    if not args.skip_models:
+        standin.build_t5(out / "models" / "t5")
+        standin.build_qwen2vl(out / "models" / "qwen2vl")
+        standin.build_blip2_vision(out / "models" / "blip2_vision")
+
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    pictures = list(shape_pictures(args.train_images))
+    per_shard = -(-len(pictures) // args.shards)
+    for shard in range(args.shards):
+        members = []
+        for key, png, caption in pictures[shard * per_shard : (shard + 1) * per_shard]:
+            members += [(f"{key}.png", png), (f"{key}.txt", caption.encode())]
+        if shard == 0:
+            for number in range(args.corrupt):  # a truncated PNG: unreadable, must be skipped, never fatal
+                members += [
+                    (f"corrupt{number}.png", pictures[0][1][:60]),
+                    (f"corrupt{number}.txt", b"A broken picture."),
+                ]
+        write_tar(out / "shards" / f"train-{shard:03d}.tar", members)
+
+    (out / "val").mkdir(exist_ok=True)
+    with (out / "val.jsonl").open("w") as handle:
+        for key, png, caption in shape_pictures(args.val_images, start=args.train_images):
+            (out / "val" / f"{key}.png").write_bytes(png)
+            handle.write(json.dumps({"image": f"val/{key}.png", "caption": caption}) + "\n")
+    logger.info("tiny models and data in %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,668 @@
+"""Train the ThinkDiff aligner on the paper's proxy task (recipe sections 8 and 9). Only the aligner learns; the
+flan-T5 decoder (and, for ThinkDiff-CLIP, the T5 encoder and BLIP-2's vision tower) stay frozen.
+
+ThinkDiff-LVLM: precomputed VLM states E (L generated tokens, see extract_features.py) and their token ids T. Draw s
+from 1..min(L-1, 128); the T5 decoder cross-attends to aligner(E[:s]) and must produce T[s:], decoded with the VLM
+tokenizer and re-tokenised for T5. The target is the VLM's own continuation, never the dataset caption.
+ThinkDiff-CLIP: 65 BLIP-2 image tokens per image, aligned, followed by the T5 encoding of the first part of the
+caption (split at a random word); the target is the rest of the caption.
+
+    # tiny CPU run (after `python train/make_tiny_data.py` and `python train/extract_features.py --config train/configs/tiny.yaml`)
+    python train/train_aligner.py --config train/configs/tiny.yaml --output-dir runs/tiny
+    # one GPU
+    accelerate launch --num_processes 1 train/train_aligner.py --config train/configs/lvlm.yaml --output-dir runs/lvlm
+    # 4 GPUs, DDP (the paper: 4x A100)
+    accelerate launch --multi_gpu --num_processes 4 train/train_aligner.py --config train/configs/lvlm.yaml
+    # continue after an interruption, same data order and loss curve
+    accelerate launch --multi_gpu --num_processes 4 train/train_aligner.py --config train/configs/lvlm.yaml --resume
+
+Writes into the output dir: metrics.jsonl (one line per logged step), checkpoints/checkpoint-NNNNNNN/ (complete ones
+only, with progress.json), aligner.safetensors (the file the ComfyUI nodes load), loss_curve.png, TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find thinkdiff_core
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from thinkdiff_core import AlignerSpec, ThinkDiffAligner, init_norm_from_t5, save_aligner  # noqa: E402
+from thinkdiff_core.errors import FeatureError, ModelFolderError, ThinkDiffError  # noqa: E402
+from thinkdiff_core.vision import encode_images, load_vision_encoder, preprocess_images  # noqa: E402
+from train.config import Config, ConfigError, as_flat_dict, load_config  # noqa: E402
+from train.data import FeatureShards, list_samples, read_image_caption  # noqa: E402
+
+logger = logging.getLogger("thinkdiff.train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAPTION_PUNCTUATION = '.!"()*#:;~'  # replaced by spaces when cleaning captions (recipe section 8)
+IGNORE_INDEX = -100
+
+
+class ResumeError(ThinkDiffError):
+    """--resume was asked for but there is nothing complete to resume from, or the data changed."""
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML config (train/configs/*.yaml); keys are listed in train/config.py"
+    )
+    parser.add_argument("--output-dir", default=None, help="run folder (overrides output_dir)")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps to train in total (overrides max_steps)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint in the output dir"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set batch_size=8",
+    )
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    return args
+
+
+# --- the proxy task, recipe section 8 ---------------------------------------------------------------------------
+
+
+def draw_split(length: int, rng: random.Random, max_prefix_tokens: int = 128) -> int:
+    """Prefix length s, uniform in 1..min(L-1, max_prefix_tokens): states [0, s) go in, tokens [s, L) are the target.
+
+    L = 1 has no proper split; the official code crashes on it (recipe section 11.6). Here s = 1: the one state goes
+    in and the target is empty (only </s>), i.e. "the answer ends here", which is what the VLM did.
+    """
+    if length < 1:
+        raise FeatureError("a sample with no generated tokens cannot be trained on; re-extract its shard.")
+    return rng.randint(1, max(1, min(length - 1, max_prefix_tokens)))
+
+
+def clean_caption(caption: str, max_words: int = 50) -> str:
+    """Lower-case, the characters . ! " ( ) * # : ; ~ replaced by spaces, at most max_words words."""
+    caption = caption.lower()
+    for character in CAPTION_PUNCTUATION:
+        caption = caption.replace(character, " ")
+    return " ".join(caption.split()[:max_words])
+
+
+def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
+    """(part 1, part 2) split at a word boundary drawn from 1..n-1; a one-word caption gives an empty part 1."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    cut = rng.randint(1, len(words) - 1)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def t5_token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """T5 ids of `text`, truncated to max_tokens - 1, then </s> (appended by hand, so any tokenizer works)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[: max_tokens - 1]
+    return ids + [tokenizer.eos_token_id]
+
+
+def sample_rng(seed: int, epoch: int | str, position: int) -> random.Random:
+    """The random draws of one sample depend only on (seed, epoch, position): the same on every process and resume."""
+    return random.Random(f"{seed}/{epoch}/{position}")
+
+
+class LvlmTask(torch.utils.data.Dataset):
+    """Training items of ThinkDiff-LVLM from extracted feature shards. An item is (epoch, position)."""
+
+    def __init__(
+        self, shards: FeatureShards, positions: list[int], vlm_tokenizer, t5_tokenizer, config: Config
+    ) -> None:
+        self.shards, self.positions, self.config = shards, positions, config
+        self.vlm_tokenizer, self.t5_tokenizer = vlm_tokenizer, t5_tokenizer
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: tuple[int | str, int]) -> dict:
+        epoch, position = item
+        config = self.config
+        sample = self.shards[self.positions[position]]
+        features, token_ids = sample["features"], sample["token_ids"]
+        if config.features == "input":
+            # Ablation (inferred setup): the prompt's own states go in, the whole answer is the target.
+            features, target_ids = sample["prompt_features"][-config.max_input_tokens :], token_ids
+        elif not config.split:
+            target_ids = token_ids  # ablation: the whole sequence in, the whole sequence out
+        else:
+            s = draw_split(len(token_ids), sample_rng(config.seed, epoch, position), config.max_prefix_tokens)
+            features, target_ids = features[:s], token_ids[s:]
+        text = self.vlm_tokenizer.decode(target_ids.tolist(), skip_special_tokens=True)
+        return {
+            "features": features,
+            "target_ids": t5_token_ids(self.t5_tokenizer, text, config.max_target_tokens),
+            "skipped": 0,
+        }
+
+
+class ClipTask(torch.utils.data.Dataset):
+    """Training items of ThinkDiff-CLIP from image + caption pairs. An item is (epoch, position)."""
+
+    def __init__(self, samples: list, t5_tokenizer, config: Config, image_size: int) -> None:
+        self.samples, self.t5_tokenizer, self.config, self.image_size = samples, t5_tokenizer, config, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int | str, int]) -> dict:
+        epoch, position = item
+        config = self.config
+        image, caption, _, skipped = read_image_caption(self.samples, position)  # unreadable: the next one, counted
+        part1, part2 = split_caption(
+            clean_caption(caption, config.caption_max_words), sample_rng(config.seed, epoch, position)
+        )
+        return {
+            "pixel_values": preprocess_images([image], self.image_size)[0],
+            "prompt_ids": t5_token_ids(self.t5_tokenizer, part1, config.clip_text_tokens),
+            "target_ids": t5_token_ids(self.t5_tokenizer, part2, config.clip_text_tokens),
+            "skipped": skipped,
+        }
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of items into a batch; masks mark real positions, labels use -100 for padding."""
+    batch = {
+        "labels": pad_sequence(
+            [torch.tensor(i["target_ids"]) for i in items], batch_first=True, padding_value=IGNORE_INDEX
+        ),
+        "skipped": torch.tensor(sum(i["skipped"] for i in items)),
+    }
+    if "features" in items[0]:
+        batch["features"] = pad_sequence([i["features"] for i in items], batch_first=True)  # zero-padded, (B, S, width)
+        batch["feature_mask"] = pad_sequence(
+            [torch.ones(len(i["features"]), dtype=torch.long) for i in items], batch_first=True
+        )
+    else:
+        batch["pixel_values"] = torch.stack([i["pixel_values"] for i in items])
+        batch["prompt_ids"] = pad_sequence(
+            [torch.tensor(i["prompt_ids"]) for i in items], batch_first=True, padding_value=pad_id
+        )
+        batch["prompt_mask"] = pad_sequence(
+            [torch.ones(len(i["prompt_ids"]), dtype=torch.long) for i in items], batch_first=True
+        )
+    return batch
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This process's micro-batches, step after step from `start_step`, as lists of (epoch, position).
+
+    The global batch of step t is places [t*G, (t+1)*G) of a stream made of one seeded permutation per epoch, with
+    G = batch_size * accumulation * processes; micro-batch m of process r is chunk m * processes + r of it. The order
+    depends only on the seed and the step, so resuming needs only the step, and one process with accumulation 2
+    sees exactly the samples that two processes see.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        accumulation: int,
+        num_processes: int,
+        process_index: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+    ) -> None:
+        self.num_samples, self.batch_size, self.accumulation = num_samples, batch_size, accumulation
+        self.num_processes, self.process_index, self.seed = num_processes, process_index, seed
+        self.start_step, self.max_steps = start_step, max_steps
+        self._permutations: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start_step) * self.accumulation
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.accumulation * self.num_processes
+        for step in range(self.start_step, self.max_steps):
+            places = range(step * global_batch, (step + 1) * global_batch)
+            items = [
+                (place // self.num_samples, self.permutation(place // self.num_samples)[place % self.num_samples])
+                for place in places
+            ]
+            for micro in range(self.accumulation):
+                chunk = micro * self.num_processes + self.process_index
+                yield items[chunk * self.batch_size : (chunk + 1) * self.batch_size]
+
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._permutations:
+            self._permutations = {
+                epoch: torch.randperm(
+                    self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)
+                ).tolist()
+            }
+        return self._permutations[epoch]
+
+
+def validation_batches(
+    num_samples: int, config: Config, num_processes: int, process_index: int
+) -> list[list[tuple[str, int]]]:
+    """Fixed held-out batches: val_batches global batches (cycling over the held-out set), dealt out like training."""
+    total = config.val_batches * config.batch_size * config.gradient_accumulation_steps * num_processes
+    places = [("val", place % num_samples) for place in range(total)]
+    chunks = [places[start : start + config.batch_size] for start in range(0, total, config.batch_size)]
+    return chunks[process_index::num_processes]
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+
+def load_frozen_t5(path: str, dtype: torch.dtype):
+    """flan-T5 from a local folder (never downloaded), frozen, in eval mode; and its tokenizer."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    if not path or not (Path(path) / "config.json").is_file():
+        raise ModelFolderError(
+            f"t5_path '{path}' is not a model folder with config.json. Set it to a local copy of google/flan-t5-xxl."
+        )
+    t5 = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return t5.eval().requires_grad_(False), tokenizer
+
+
+def build_aligner(config: Config, input_dim: int, t5, source_model: str) -> ThinkDiffAligner:
+    """The aligner, its norm copied from the T5 encoder's final norm (recipe section 2) unless ablated."""
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    spec = AlignerSpec(
+        config.variant, input_dim=input_dim, output_dim=t5.config.d_model, source_model=source_model, num_tokens=128
+    )
+    aligner = ThinkDiffAligner(spec)
+    if config.variant == "clip":  # the official CLIP class calls BLIP-2's post_init: normal(0.02) weights, zero biases
+        for linear in (aligner.linear_in, aligner.linear_out):
+            torch.nn.init.normal_(linear.weight, std=0.02)
+            torch.nn.init.zeros_(linear.bias)
+    if config.norm_init == "t5":
+        init_norm_from_t5(aligner, t5.encoder.final_layer_norm.weight)
+    return aligner
+
+
+def build_optimizer(aligner: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only, none on biases and the norm weight (recipe section 9)."""
+    decay = [p for p in aligner.parameters() if p.dim() >= 2]
+    no_decay = [p for p in aligner.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.warmup_start_learning_rate, betas=(config.beta1, config.beta2))
+
+
+def get_lr(step: int, config: Config) -> float:
+    """Linear warmup from warmup_start_learning_rate to learning_rate, then cosine down to min_learning_rate over
+    lr_decay_steps, then flat (recipe section 9: 1e-6 -> 1e-4 in 2000 steps, cosine to 8e-5 over 200k)."""
+    if step < config.warmup_steps:
+        return (
+            config.warmup_start_learning_rate
+            + (config.learning_rate - config.warmup_start_learning_rate) * step / config.warmup_steps
+        )
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.lr_decay_steps))
+    return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def token_losses(
+    aligner, t5, batch: dict, vision=None, downsample_factor: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target-token cross-entropies, number of target tokens) of the frozen T5 decoder for one batch.
+
+    The decoder cross-attends to the aligned tokens as its encoder output (no T5 text encoder for the LVLM variant;
+    for CLIP the T5-encoded caption part 1 follows the aligned image tokens).
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if "features" in batch:
+        aligned, mask = aligner(batch["features"]), batch["feature_mask"]  # (B, s, d_model)
+    else:
+        with torch.no_grad():
+            image_tokens = encode_images(vision, batch["pixel_values"], downsample_factor)  # (B, 65, width)
+            text_states = t5.encoder(
+                input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"]
+            ).last_hidden_state
+        aligned_images = aligner(image_tokens.float())
+        aligned = torch.cat(
+            [aligned_images, text_states.to(aligned_images.dtype)], dim=1
+        )  # images first (recipe section 7)
+        image_mask = torch.ones(aligned_images.shape[:2], dtype=torch.long, device=aligned_images.device)
+        mask = torch.cat([image_mask, batch["prompt_mask"]], dim=1)
+    labels = batch["labels"]
+    outputs = t5(
+        encoder_outputs=BaseModelOutput(last_hidden_state=aligned.to(t5.dtype)),
+        attention_mask=mask,
+        decoder_input_ids=t5.prepare_decoder_input_ids_from_labels(labels=labels),
+    )
+    loss_sum = F.cross_entropy(
+        outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+# --- data and models for a config ---------------------------------------------------------------------------------
+
+
+def build_tasks(
+    config: Config, t5_tokenizer, vision
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int, str]:
+    """(training set, held-out set, aligner input width, source model name) for the config's variant."""
+    if config.variant == "lvlm":
+        from transformers import AutoTokenizer
+
+        shards = FeatureShards(config.features_dir)
+        if config.features == "input" and not shards.has_prompt_states:
+            raise ConfigError(
+                "features='input' needs prompt-token states: re-run extract_features.py with --set keep_prompt_states=true."
+            )
+        vlm_tokenizer = AutoTokenizer.from_pretrained(
+            config.vlm_path, local_files_only=True
+        )  # decodes the VLM's token ids
+        train_positions, val_positions = hold_out(list(range(len(shards))), config.val_samples)
+        make = partial(LvlmTask, shards, vlm_tokenizer=vlm_tokenizer, t5_tokenizer=t5_tokenizer, config=config)
+        source_model = shards.shards[0][1].get("vlm") or Path(config.vlm_path).name
+        return make(train_positions), make(val_positions), shards.width, source_model
+    samples = list_samples(config.train_data)
+    if config.val_data:
+        train_samples, val_samples = samples, list_samples(config.val_data)
+    else:
+        train_samples, val_samples = hold_out(samples, config.val_samples)
+    image_size = vision.config.image_size
+    make = partial(ClipTask, t5_tokenizer=t5_tokenizer, config=config, image_size=image_size)
+    return make(train_samples), make(val_samples), vision.config.hidden_size, Path(config.vision_path).name
+
+
+def hold_out(items: list, count: int) -> tuple[list, list]:
+    """The last `count` items (at most half) are held out for validation; the rest train."""
+    count = min(count, len(items) // 2)
+    if count == 0:
+        raise ConfigError(
+            f"only {len(items)} sample(s): too few to hold any out for validation. Add data or set val_data."
+        )
+    return items[:-count], items[-count:]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest first; the step is read from progress.json, not the name."""
+    found = []
+    for folder in sorted(checkpoint_dir.glob("checkpoint-*")) if checkpoint_dir.is_dir() else []:
+        progress = folder / "progress.json"
+        if progress.is_file():
+            found.append((json.loads(progress.read_text())["step"], folder))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: dict, keep: int) -> None:
+    """accelerate's state (weights as safetensors, optimizer, RNG states) into a temp folder, then renamed: a folder
+    named checkpoint-N always holds a whole checkpoint. The step and data position go in progress.json."""
+    final = checkpoint_dir / f"checkpoint-{progress['step']:07d}"
+    temporary = checkpoint_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / "progress.json").write_text(json.dumps(progress, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for _, old in list_checkpoints(checkpoint_dir)[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def describe_folder(folder: Path) -> str:
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return f"{folder} holds {entries}" if entries else f"{folder} does not exist or is empty"
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+
+def keep_metrics_up_to(metrics_path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (a killed run may have logged further): no duplicates."""
+    if metrics_path.is_file():
+        lines = [
+            line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
+        metrics_path.write_text("".join(line + "\n" for line in lines))
+
+
+def plot_loss_curve(metrics_path: Path, image_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        axes.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    axes.set(xlabel="optimizer step", ylabel="T5 cross-entropy", title=title)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image_path)
+    plt.close(figure)
+
+
+@torch.no_grad()
+def estimate_val_loss(
+    accelerator: Accelerator, aligner, t5, batches: list, val_set, collate_fn, vision, config: Config
+) -> float:
+    """Token-weighted mean loss over the fixed held-out batches, summed over processes (independent of their number)."""
+    aligner.eval()
+    totals = torch.zeros(2, device=accelerator.device)
+    for items in batches:
+        batch = to_device(collate_fn([val_set[item] for item in items]), accelerator.device)
+        with accelerator.autocast():
+            loss_sum, count = token_losses(aligner, t5, batch, vision, config.vision_downsample_factor)
+        totals += torch.stack([loss_sum.float(), count.float()])
+    totals = accelerator.reduce(totals, "sum")
+    aligner.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> ThinkDiffAligner:
+    """Train; return the trained aligner (on the CPU, fp32), which is also written to OUTPUT_DIR/aligner.safetensors."""
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides, output_dir=args.output_dir, max_steps=args.max_steps)
+    output_dir, checkpoint_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
+    metrics_path = output_dir / "metrics.jsonl"
+    report_to = None if config.report_to in ("", "none") else config.report_to
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=report_to, project_dir=str(output_dir))
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+    checkpoints = list_checkpoints(checkpoint_dir)
+    if args.resume and not checkpoints:
+        raise ResumeError(
+            f"--resume: no complete checkpoint (a checkpoint-N folder with progress.json) in {checkpoint_dir}; {describe_folder(checkpoint_dir)}. Run without --resume to start a new run."
+        )
+    if checkpoints and not args.resume:
+        raise ResumeError(
+            f"{output_dir} already has checkpoints up to step {checkpoints[-1][0]}: pass --resume to continue that run, or choose another --output-dir."
+        )
+
+    # Frozen models (recipe section 1): flan-T5 in bf16; BLIP-2's vision tower for the CLIP variant.
+    frozen_dtype = DTYPES[config.frozen_dtype]
+    t5, t5_tokenizer = load_frozen_t5(config.t5_path, frozen_dtype)
+    vision = (
+        load_vision_encoder(config.vision_path, frozen_dtype, accelerator.device) if config.variant == "clip" else None
+    )
+    train_set, val_set, input_dim, source_model = build_tasks(config, t5_tokenizer, vision)
+    aligner = build_aligner(config, input_dim, t5, source_model)
+    if config.variant == "lvlm":
+        t5.encoder = None  # only the decoder is needed once the norm is copied (the official code deletes it too)
+    t5.to(accelerator.device)
+    optimizer = build_optimizer(aligner, config)
+    model, optimizer = accelerator.prepare(aligner, optimizer)
+    collate_fn = partial(collate, pad_id=t5_tokenizer.pad_token_id)
+
+    # Resume: weights, optimizer and RNG states from accelerate; the data position is the step itself.
+    start_step, skipped_images = 0, 0
+    if args.resume:
+        start_step, folder = checkpoints[-1]
+        accelerator.load_state(str(folder))
+        progress = json.loads((folder / "progress.json").read_text())
+        if progress["num_train_samples"] != len(train_set):
+            raise ResumeError(
+                f"the checkpoint was trained on {progress['num_train_samples']} samples, the data now has {len(train_set)}: resume needs the same data (and features_dir)."
+            )
+        skipped_images = progress["skipped_images"]
+        if accelerator.is_main_process:
+            keep_metrics_up_to(metrics_path, start_step)
+        logger.info("resumed from %s at step %d", folder, start_step)
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+    accelerator.init_trackers("thinkdiff", config=as_flat_dict(config))
+
+    sampler = StepSampler(
+        len(train_set),
+        config.batch_size,
+        config.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        config.seed,
+        start_step,
+        config.max_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+    )
+    val_batches = validation_batches(len(val_set), config, accelerator.num_processes, accelerator.process_index)
+    logger.info(
+        "%s: %d training / %d held-out samples, aligner %d -> %d, steps %d..%d, global batch %d",
+        config.variant,
+        len(train_set),
+        len(val_set),
+        input_dim,
+        t5.config.d_model,
+        start_step,
+        config.max_steps,
+        config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
+    )
+
+    progress_bar = tqdm(
+        total=config.max_steps, initial=start_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    batches = iter(loader)
+    started = time.time()
+    model.train()
+    for step in range(start_step + 1, config.max_steps + 1):
+        lr = get_lr(step - 1, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(2, device=accelerator.device)  # (sum of micro-batch mean losses, skipped images)
+        for micro in range(config.gradient_accumulation_steps):
+            batch = to_device(next(batches), accelerator.device)
+            last = micro == config.gradient_accumulation_steps - 1
+            with accelerator.no_sync(model) if not last else contextlib.nullcontext():  # all-reduce once per step
+                with accelerator.autocast():
+                    loss_sum, count = token_losses(model, t5, batch, vision, config.vision_downsample_factor)
+                    loss = loss_sum / count.clamp(min=1)  # token mean of the micro-batch, like T5's own loss
+                accelerator.backward(loss / config.gradient_accumulation_steps)
+            totals += torch.stack([loss.detach().float(), batch["skipped"].float()])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        mean_loss, skipped = accelerator.reduce(totals, "sum").tolist()
+        mean_loss /= config.gradient_accumulation_steps * accelerator.num_processes
+        skipped_images += int(skipped)
+        progress_bar.update(1)
+        progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        row = {"step": step, "loss": mean_loss, "lr": lr}
+        if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+            row["val_loss"] = estimate_val_loss(
+                accelerator, model, t5, val_batches, val_set, collate_fn, vision, config
+            )
+        if step % config.log_every == 0 or step == config.max_steps or "val_loss" in row or step == 1:
+            row.update(skipped_images=skipped_images, elapsed_s=round(time.time() - started, 3))
+            accelerator.log(row, step=step)
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            progress = {
+                "step": step,
+                "samples_seen": step
+                * config.batch_size
+                * config.gradient_accumulation_steps
+                * accelerator.num_processes,
+                "num_train_samples": len(train_set),
+                "skipped_images": skipped_images,
+                "variant": config.variant,
+            }
+            save_checkpoint(accelerator, checkpoint_dir, progress, config.keep_checkpoints)
+    progress_bar.close()
+
+    # The shipped file: this project's safetensors with the spec in its header, as the ComfyUI loader reads it.
+    trained = ThinkDiffAligner(aligner.spec)
+    trained.load_state_dict(accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        ablations = {"split": config.split, "features": config.features, "norm_init": config.norm_init}
+        save_aligner(
+            trained,
+            output_dir / "aligner.safetensors",
+            extra_metadata={
+                "trained_steps": config.max_steps,
+                "t5_model": Path(config.t5_path).name,
+                "training": json.dumps(ablations),
+            },
+        )
+        plot_loss_curve(metrics_path, output_dir / "loss_curve.png", f"ThinkDiff-{config.variant} aligner")
+        if skipped_images:
+            logger.warning("%d unreadable image(s) were skipped (see the warnings above)", skipped_images)
+        logger.info("wrote %s and %s", output_dir / "aligner.safetensors", output_dir / "loss_curve.png")
+    accelerator.end_training()
+    return trained.eval()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ThinkDiffError as error:
+        sys.exit(f"error: {error}")
