@@ -19,6 +19,20 @@ def empty_prompt_conditioning(pipe, guidance: float = DEFAULT_GUIDANCE, max_sequ
     return [[prompt_embeds.float().cpu(), {"pooled_output": pooled.float().cpu(), "guidance": guidance}]]
 
 
+def text_conditioning(
+    pipe, text: str, guidance: float = DEFAULT_GUIDANCE, max_sequence_length: int = 512
+) -> list[list]:
+    """CONDITIONING of `text` through FLUX's own encoders: T5 tokens (1, max_sequence_length, 4096) and CLIP-L pooled.
+
+    The same text goes to both encoders, as CLIPTextEncodeFlux with one prompt (or diffusers with prompt only).
+    """
+    with torch.inference_mode():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=text, prompt_2=text, max_sequence_length=max_sequence_length
+        )
+    return [[prompt_embeds.float().cpu(), {"pooled_output": pooled.float().cpu(), "guidance": guidance}]]
+
+
 def render(
     pipe,
     conditioning: list,

@@ -1,0 +1,278 @@
+"""Standalone ThinkDiff generation without ComfyUI: model lookup, conditioning per mode, one image per prompt.
+
+Three modes (the CLI's `--mode`, also used by the CoBSAT runner):
+
+- `thinkdiff`: the paper's LVLM setting (recipe section 10): prompt_embeds = aligner(generated-token states),
+  pooled = CLIP-L(""). The VLM generates exactly `num_tokens` tokens (EOS suppressed, recipe section 5).
+- `text`: the text bridge: the VLM's generated answer through FLUX's own CLIP-L and T5 (`pipe.encode_prompt`). The VLM
+  stops at its end-of-turn token (as the TBDN baseline's "VLM writes a prompt" setup, protocol section 10).
+- `hybrid`: the aligned tokens followed by the answer's T5 tokens, pooled from CLIP-L of the answer (the token order
+  of ThinkDiff-CLIP: aligned tokens first, then text). The VLM stops at its end-of-turn token, so the aligned tokens
+  and the text describe the same answer (the aligner was trained on such features, recipe section 5).
+
+Models come from local folders or the Hugging Face cache only. A download happens only when the caller passes
+`allow_download=True` for a repo id and HF_HUB_OFFLINE is not set; it is done explicitly with huggingface_hub and
+logged, then the files are loaded from disk like any other folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .checkpoints import load_aligner
+from .conditioning import DEFAULT_GUIDANCE, align_features, build_flux_conditioning
+from .errors import MissingDependencyError, ModelFolderError
+from .flux import empty_prompt_conditioning, render, text_conditioning
+from .vlm import GenerationSettings, VlmBundle, chat_messages, encode_with_vlm, load_vlm
+
+logger = logging.getLogger(__name__)
+
+MODES = ("thinkdiff", "text", "hybrid")
+# T5 length of the text part: FLUX-dev's own default for text prompts, and ThinkDiff-CLIP's 128 when the text follows
+# aligned tokens (recipe section 10).
+TEXT_MAX_SEQUENCE_LENGTH = {"text": 512, "hybrid": 128}
+
+
+# --- finding models ----------------------------------------------------------------------------------------------
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """'owner/name' (no leading dot or slash, exactly one slash): a Hugging Face repo id rather than a path."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def downloads_allowed(allow_download: bool) -> bool:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    return allow_download and not offline
+
+
+def resolve_model_folder(source: str | Path, what: str, allow_download: bool = False) -> Path:
+    """A local folder for `source`: an existing folder, or a repo id found in the Hugging Face cache.
+
+    what: a short name for messages ("FLUX pipeline", "VLM", "judge"). With allow_download (and HF_HUB_OFFLINE unset),
+    a repo id missing from the cache is downloaded explicitly; otherwise ModelFolderError says how to get it.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    source = str(source)
+    if not looks_like_repo_id(source):
+        raise ModelFolderError(
+            f"{what} folder '{source}' does not exist. Pass the path of a downloaded Hugging Face model folder, or a "
+            f"repo id such as 'owner/name' that is in the Hugging Face cache."
+        )
+    hub = _import_hub()
+    try:
+        return Path(hub.snapshot_download(source, local_files_only=True))
+    except Exception as error:  # huggingface_hub raises several types for "not cached"
+        cached_error = error
+    if downloads_allowed(allow_download):
+        logger.warning("downloading %s '%s' from the Hugging Face Hub (--allow-download)", what, source)
+        return Path(hub.snapshot_download(source))
+    raise ModelFolderError(
+        f"{what} '{source}' is neither a local folder nor in the Hugging Face cache ({type(cached_error).__name__}). "
+        f"Download it first (huggingface-cli download {source}) or pass its local folder; or add --allow-download "
+        f"(with HF_HUB_OFFLINE unset) to let this command fetch it."
+    )
+
+
+def resolve_aligner_file(source: str | Path, allow_download: bool = False) -> Path:
+    """A local aligner file: an existing path, or 'owner/name/file.pth' looked up in the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    source = str(source)
+    parts = source.split("/")
+    if len(parts) < 3 or source.startswith((".", "/", "~")):
+        raise ModelFolderError(
+            f"aligner file '{source}' does not exist. Pass the path of an aligner (.safetensors, or the official "
+            f"thinkdiff_lvlm.pth), or 'Mifucius/ThinkDiff/thinkdiff_lvlm.pth' if it is in the Hugging Face cache."
+        )
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    hub = _import_hub()
+    try:
+        return Path(hub.hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception as error:
+        cached_error = error
+    if downloads_allowed(allow_download):
+        logger.warning("downloading aligner '%s' from '%s' (--allow-download)", filename, repo_id)
+        return Path(hub.hf_hub_download(repo_id, filename))
+    raise ModelFolderError(
+        f"aligner '{filename}' of '{repo_id}' is not in the Hugging Face cache ({type(cached_error).__name__}). "
+        f"Download it first (huggingface-cli download {repo_id} {filename}) or pass the file's path; or add "
+        f"--allow-download (with HF_HUB_OFFLINE unset)."
+    )
+
+
+def _import_hub():
+    try:
+        import huggingface_hub
+    except ImportError as error:
+        raise MissingDependencyError(
+            "looking up repo ids needs 'huggingface_hub': pip install huggingface_hub"
+        ) from error
+    return huggingface_hub
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def load_flux_pipeline(
+    source: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    allow_download: bool = False,
+    cpu_offload: bool = False,
+):
+    """diffusers FluxPipeline from a local folder (model_index.json + components) or a cached repo id."""
+    path = resolve_model_folder(source, "FLUX pipeline", allow_download)
+    if not (path / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"'{path}' has no model_index.json: it is not a diffusers pipeline folder. Use the whole "
+            f"black-forest-labs/FLUX.1-dev repository (a single .safetensors transformer file is not enough here)."
+        )
+    try:
+        from diffusers import FluxPipeline
+    except ImportError as error:
+        raise MissingDependencyError("standalone generation needs diffusers: pip install 'diffusers>=0.31'") from error
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; the old name works in all >= 0.31
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = FluxPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class ThinkDiffModels:
+    """Everything one generation needs: the VLM, the aligner (unused in text mode) and the FLUX pipeline."""
+
+    vlm: VlmBundle
+    aligner: Any | None
+    pipe: Any
+
+
+def load_models(
+    vlm: str | Path,
+    flux: str | Path,
+    aligner: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_download: bool = False,
+    cpu_offload: bool = False,
+) -> ThinkDiffModels:
+    """Load the three models; the aligner may be None only when every generation uses the text mode."""
+    vlm_bundle = load_vlm(resolve_model_folder(vlm, "VLM", allow_download), dtype=dtype, device=device)
+    aligner_model = None
+    if aligner is not None:
+        aligner_model = load_aligner(resolve_aligner_file(aligner, allow_download), device=device, dtype=dtype)
+    pipe = load_flux_pipeline(flux, dtype=dtype, device=device, allow_download=allow_download, cpu_offload=cpu_offload)
+    return ThinkDiffModels(vlm=vlm_bundle, aligner=aligner_model, pipe=pipe)
+
+
+# --- conditioning per mode ---------------------------------------------------------------------------------------
+
+
+def vlm_settings(mode: str, settings: GenerationSettings) -> GenerationSettings:
+    """The generation settings a mode needs: thinkdiff keeps exactly num_tokens tokens, text/hybrid stop at EOS."""
+    check_mode(mode)
+    from dataclasses import replace
+
+    return replace(settings, stop_at_eos=mode != "thinkdiff")
+
+
+def mode_conditioning(
+    pipe,
+    aligned: torch.Tensor | None,
+    text: str,
+    mode: str,
+    guidance: float = DEFAULT_GUIDANCE,
+) -> list[list]:
+    """The FLUX CONDITIONING for a mode (see the module docstring).
+
+    aligned: (1, tokens, 4096) aligner output (ignored by `text`); text: the VLM's generated answer (ignored by
+    `thinkdiff`). Returns [[cond (1, seq, 4096), {"pooled_output": (1, 768), "guidance": guidance}]].
+    """
+    check_mode(mode)
+    if mode != "text" and aligned is None:
+        raise ValueError(f"mode {mode!r} needs the aligned tokens")
+    if mode == "thinkdiff":
+        return build_flux_conditioning(aligned, base=empty_prompt_conditioning(pipe, guidance), mode="replace")
+    base = text_conditioning(pipe, text, guidance, max_sequence_length=TEXT_MAX_SEQUENCE_LENGTH[mode])
+    if mode == "text":
+        return base
+    return build_flux_conditioning(aligned, base=base, mode="prepend")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --- one generation ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """One generated image with the VLM's text and how long each stage took (seconds)."""
+
+    image: Image.Image
+    text: str
+    conditioning: list = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def generate(
+    models: ThinkDiffModels,
+    content: list[dict],
+    mode: str = "thinkdiff",
+    settings: GenerationSettings = GenerationSettings(),
+    steps: int = 28,
+    guidance: float = DEFAULT_GUIDANCE,
+    width: int = 1024,
+    height: int = 1024,
+    seed: int = 42,
+) -> GenerationResult:
+    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.vlm.layout_content or cobsat_content)."""
+    check_mode(mode)
+    if mode != "text" and models.aligner is None:
+        raise ModelFolderError(f"mode '{mode}' needs an aligner: pass --aligner (e.g. thinkdiff_lvlm.pth).")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    features = encode_with_vlm(models.vlm, chat_messages(content), vlm_settings(mode, settings))
+    timings["vlm"] = time.perf_counter() - started
+    aligned = None
+    if mode != "text":
+        started = time.perf_counter()
+        aligned = align_features(models.aligner, features)
+        timings["aligner"] = time.perf_counter() - started
+    started = time.perf_counter()
+    text = features.text[0].strip()
+    conditioning = mode_conditioning(models.pipe, aligned, text, mode, guidance)
+    image = render(models.pipe, conditioning, steps=steps, seed=seed, width=width, height=height)
+    timings["flux"] = time.perf_counter() - started
+    return GenerationResult(image=image, text=text, conditioning=conditioning, timings=timings)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
