@@ -4,6 +4,7 @@ from . import comfy_adapter
 from .conditioning import ThinkDiffConditioning
 from .encode import ThinkDiffVLMEncode
 from .loaders import ThinkDiffAlignerLoader, ThinkDiffVLMLoader
+from .vision import ThinkDiffVisionEncode, ThinkDiffVisionLoader
 
 comfy_adapter.register_model_folders()
 
@@ -12,6 +13,8 @@ NODE_CLASS_MAPPINGS = {
     "ThinkDiffAlignerLoader": ThinkDiffAlignerLoader,
     "ThinkDiffVLMEncode": ThinkDiffVLMEncode,
     "ThinkDiffConditioning": ThinkDiffConditioning,
+    "ThinkDiffVisionLoader": ThinkDiffVisionLoader,
+    "ThinkDiffVisionEncode": ThinkDiffVisionEncode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -19,4 +22,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ThinkDiffAlignerLoader": "ThinkDiff Aligner Loader",
     "ThinkDiffVLMEncode": "ThinkDiff VLM Encode",
     "ThinkDiffConditioning": "ThinkDiff Conditioning",
+    "ThinkDiffVisionLoader": "ThinkDiff Vision Loader (CLIP)",
+    "ThinkDiffVisionEncode": "ThinkDiff Vision Encode (CLIP)",
 }

@@ -25,7 +25,9 @@ CONTRACT = {
         ["image_1", "image_2", "image_3", "image_4"],
         ("THINKDIFF_FEATURES", "STRING"),
     ),
-    "ThinkDiffConditioning": (["aligner", "features", "mode", "strength"], ["conditioning"], ("CONDITIONING",)),
+    "ThinkDiffConditioning": (["aligner", "features", "mode", "strength"], ["conditioning", "text_tokens"], ("CONDITIONING",)),
+    "ThinkDiffVisionLoader": (["encoder", "dtype", "device"], [], ("THINKDIFF_VISION",)),
+    "ThinkDiffVisionEncode": (["vision", "image_1", "token_grid"], ["image_2", "image_3", "image_4"], ("THINKDIFF_FEATURES",)),
 }
 
 

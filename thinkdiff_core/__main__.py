@@ -37,6 +37,14 @@ def add_convert_parser(commands) -> None:
     convert.add_argument("--variant", choices=["lvlm", "clip"], help="only for files whose width is not a released one")
 
 
+def add_extract_vision_parser(commands) -> None:
+    extract = commands.add_parser(
+        "extract-vision", help="write just the vision tower of a BLIP-2 folder as one safetensors file (ThinkDiff-CLIP)"
+    )
+    extract.add_argument("src", help="local BLIP-2 folder, e.g. a download of Salesforce/blip2-flan-t5-xxl")
+    extract.add_argument("dst", help="output file, e.g. ComfyUI/models/clip_vision/blip2_vision_tower.safetensors")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--vlm, --aligner, --flux, device and download flags (shared with the CoBSAT runner)."""
     parser.add_argument("--vlm", required=True, help="Qwen2-VL folder or cached repo id (Qwen/Qwen2-VL-7B-Instruct)")
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_convert_parser(commands)
     add_generate_parser(commands)
+    add_extract_vision_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -190,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}: {meta['variant']} aligner {meta['input_dim']} -> {meta['output_dim']}")
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "extract-vision":
+            from .vision import extract_vision_tower
+
+            out = extract_vision_tower(args.src, args.dst)
+            print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     except ThinkDiffError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224
 DOWNSAMPLE_FACTOR = 2  # 16x16 patches -> 8x8, recipe section 7
 VISION_PREFIX = "vision_model."  # key prefix of the vision tower inside a full BLIP-2 checkpoint
+VISION_CONFIG_KEY = "thinkdiff.vision_config"  # header key of an extracted vision-tower file
 
 
 def preprocess_images(images: Sequence[Image.Image] | torch.Tensor, image_size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -110,10 +112,13 @@ def load_vision_encoder(
 ) -> torch.nn.Module:
     """Load BLIP-2's vision tower, frozen and in eval mode. Never downloads.
 
-    `path` is either a full BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl: only the `vision_model.*` weights are
-    read, the 11B language model is not loaded) or a folder saved from a `Blip2VisionModel` alone.
+    `path` is a full BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl: only the `vision_model.*` weights are read,
+    the 11B language model is not loaded), a folder saved from a `Blip2VisionModel` alone, or a single safetensors
+    file written by `extract_vision_tower` (config in its header).
     """
     path = Path(path)
+    if path.is_file():
+        return _load_vision_file(path, dtype).to(device=device).eval().requires_grad_(False)
     if not (path / "config.json").is_file():
         raise ModelFolderError(
             f"vision encoder folder '{path}' has no config.json. Point it at a local copy of "
@@ -142,7 +147,113 @@ def load_vision_encoder(
             f"'{path.name}' is a '{model_type}' model, not BLIP-2. ThinkDiff-CLIP uses the vision tower of "
             f"Salesforce/blip2-flan-t5-xxl (model_type 'blip-2')."
         )
+    model.thinkdiff_source = path.name
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def extract_vision_tower(source: str | Path, destination: str | Path) -> Path:
+    """Write just the vision tower of a BLIP-2 folder as one safetensors file, its config in the header.
+
+    The full Salesforce/blip2-flan-t5-xxl checkpoint is about 16 B parameters, nearly all of them the flan-T5 that
+    ThinkDiff-CLIP never uses; the tower alone is about 1 B (2 GB in bf16). Weights keep their stored dtype.
+    """
+    from safetensors.torch import save_file
+
+    stored = {"F32": torch.float32, "F16": torch.float16}.get(_stored_dtype(Path(source)), torch.bfloat16)
+    model = load_vision_encoder(source, dtype=stored)
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        VISION_CONFIG_KEY: json.dumps(model.config.to_dict()),
+        "thinkdiff.source_model": Path(source).name,
+        "thinkdiff.format_version": "1",
+    }
+    tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
+    temporary = destination.with_name(f".{destination.name}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.replace(destination)  # atomic: a half-written file never carries the final name
+    return destination
+
+
+def is_vision_tower_file(path: str | Path) -> bool:
+    """Whether `path` is a safetensors file written by `extract_vision_tower` (reads only the header)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return VISION_CONFIG_KEY in (handle.metadata() or {})
+    except Exception:  # any unreadable file is simply not one of ours; the loader reports real errors
+        return False
+
+
+def _load_vision_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from safetensors import SafetensorError, safe_open
+
+    transformers = import_transformers()
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFolderError(f"'{path.name}' is not a readable safetensors file ({error}): extract or download it again.") from error
+    if VISION_CONFIG_KEY not in metadata:
+        raise ModelFolderError(
+            f"'{path.name}' has no vision-tower config in its header: it was not made by "
+            f"'python -m thinkdiff_core extract-vision'. Choose a BLIP-2 folder or an extracted file."
+        )
+    config = transformers.Blip2VisionConfig(**json.loads(metadata[VISION_CONFIG_KEY]))
+    model = transformers.Blip2VisionModel(config)
+    model.load_state_dict(state, strict=True)
+    model.thinkdiff_source = metadata.get("thinkdiff.source_model", path.stem)
+    return model.to(dtype)
+
+
+def _stored_dtype(path: Path) -> str:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
+        key = next(iter(handle.keys()))
+        return str(handle.get_slice(key).get_dtype())
+
+
+# --- features for the conditioning node ----------------------------------------------------------------------------
+
+# Patch tokens kept per image -> downsample factor of the 16x16 grid. The aligner was trained on 8x8 (recipe
+# section 7); fewer tokens let the text weigh more (what users ask of Redux-like nodes).
+TOKEN_GRIDS = {
+    "8x8 (65 tokens, recipe)": 2,
+    "16x16 (257 tokens)": 1,
+    "4x4 (17 tokens)": 4,
+    "2x2 (5 tokens)": 8,
+}
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """ThinkDiff-CLIP image tokens of one prompt: (1, tokens_per_image * num_images, width), images in input order."""
+
+    hidden_states: torch.Tensor
+    num_images: int
+    source_model: str = ""
+    variant = "clip"  # class constant, not a field: which aligner variant these features feed
+
+
+def encode_vision_features(
+    vision_model: torch.nn.Module,
+    images: Sequence[torch.Tensor | Image.Image],
+    token_grid: str = next(iter(TOKEN_GRIDS)),
+) -> VisionFeatures:
+    """Every image (PIL, or ComfyUI IMAGE tensors whose batches count as several images) -> one CPU float32 sequence."""
+    if token_grid not in TOKEN_GRIDS:
+        raise PromptError(f"unknown token grid {token_grid!r}; choose one of {list(TOKEN_GRIDS)}")
+    pictures = [pil for image in images for pil in (pil_images_from_tensor(image) if isinstance(image, torch.Tensor) else [image])]
+    tokens = encode_images(vision_model, pictures, downsample_factor=TOKEN_GRIDS[token_grid], as_one_sequence=True)
+    return VisionFeatures(
+        hidden_states=tokens.float().cpu(),
+        num_images=len(pictures),
+        source_model=getattr(vision_model, "thinkdiff_source", ""),
+    )
 
 
 def _image_size(vision_model: torch.nn.Module) -> int:
