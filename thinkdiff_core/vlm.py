@@ -17,10 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .errors import MissingDependencyError, ModelFolderError, PromptError
+from .errors import MissingDependencyError, ModelFolderError, PromptError, ThinkDiffError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ COBSAT_QUESTION = (
 DEFAULT_MAX_IMAGE_PIXELS = 1280 * 28 * 28
 MIN_TRANSFORMERS_FOR = {"qwen2_vl": "4.45.0", "qwen2_5_vl": "4.49.0"}
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from 2.5
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class VlmBundle:
         return final_norm(self.model).weight.shape[0]
 
 
+class VlmOutOfMemoryError(ThinkDiffError):
+    """The VLM ran out of GPU (or CPU) memory; the message says what to change."""
+
+
 # --- prompt layout -----------------------------------------------------------------------------------------------
 
 
@@ -190,7 +196,14 @@ def chat_messages(content: list[dict], system: str = SYSTEM_PROMPT) -> list[dict
 
 
 def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
-    """RGB copy of `image`, scaled down (aspect kept) so that width * height <= max_pixels."""
+    """RGB copy of `image`, scaled down (aspect kept) so that width * height <= max_pixels.
+
+    16-bit and 32-bit greyscale images (PNG modes I;16 and I) are scaled to 8 bits first: PIL's own conversion clips them.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8), mode="L")
     image = image.convert("RGB")
     pixels = image.width * image.height
     if pixels <= max_pixels:
@@ -216,6 +229,7 @@ def load_vlm(
     The attention backend falls back from flash_attention_2 to sdpa to eager when one is not available.
     """
     path = check_model_folder(path)
+    _refuse_remote_code(path, trust_remote_code)
     transformers = import_transformers()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model_class = _model_class(transformers, config.model_type)
@@ -233,6 +247,8 @@ def load_vlm(
             )
             break
         except (ImportError, ValueError) as error:
+            if not _is_attention_error(error):
+                raise
             logger.warning("attention backend %s is not available (%s); trying the next one", backend, error)
             last_error = error
     else:
@@ -256,6 +272,24 @@ def check_model_folder(path: str | Path) -> Path:
     if not weights:
         raise ModelFolderError(f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too.")
     return path
+
+
+def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A folder whose config maps classes to its own .py files would run that code: only with explicit consent."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelFolderError(
+            f"'{path.name}' ships its own Python code (auto_map in config.json: {sorted(config['auto_map'])}); it was "
+            f"not run. Qwen2-VL needs no custom code: use the official folder, or switch trust_remote_code on in the "
+            f"loader only if you trust where this folder came from."
+        )
+
+
+def _is_attention_error(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("attn", "attention", "flash", "sdpa"))
 
 
 def import_transformers():
@@ -347,6 +381,7 @@ def encode_with_vlm(
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
     prompt_ids = inputs["input_ids"]
+    _check_context_length(model, prompt_ids.shape[1], settings.num_tokens)
 
     captured: list[torch.Tensor] = []
     prompt_states: list[torch.Tensor] = []
@@ -365,6 +400,13 @@ def encode_with_vlm(
                 torch.manual_seed(settings.seed)
             with torch.inference_mode():
                 output_ids = model.generate(**inputs, **_generate_kwargs(vlm, settings, on_token))
+    except _OUT_OF_MEMORY as error:
+        images = int(inputs["image_grid_thw"].shape[0]) if "image_grid_thw" in inputs else 0
+        raise VlmOutOfMemoryError(
+            f"out of memory while the VLM read {prompt_ids.shape[1]} prompt tokens ({images} image(s)) and generated "
+            f"{settings.num_tokens} tokens on {device}. Use fewer or smaller images, fewer tokens, or free memory "
+            f"first (keep_model_loaded off, other models unloaded); or load the VLM on cpu. ({str(error).splitlines()[0]})"
+        ) from error
     finally:
         handle.remove()
 
@@ -381,6 +423,16 @@ def encode_with_vlm(
         source_model=vlm.source_model,
         prompt_states=prompt_states[0] if prompt_states else None,
     )
+
+
+def _check_context_length(model, prompt_tokens: int, new_tokens: int) -> None:
+    config = getattr(model.config, "text_config", model.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and prompt_tokens + new_tokens > limit:
+        raise PromptError(
+            f"the prompt is {prompt_tokens} tokens (images included) and {new_tokens} more are to be generated, but "
+            f"the model handles at most {limit}. Shorten the text, use fewer or smaller images, or fewer tokens."
+        )
 
 
 def _eos_ids(vlm: VlmBundle) -> list[int]:

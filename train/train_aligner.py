@@ -60,6 +60,10 @@ class ResumeError(ThinkDiffError):
     """--resume was asked for but there is nothing complete to resume from, or the data changed."""
 
 
+class CheckpointSaveError(ThinkDiffError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
 # --- command line -----------------------------------------------------------------------------------------------
 
 
@@ -421,20 +425,35 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: dict, keep: int) -> None:
     """accelerate's state (weights as safetensors, optimizer, RNG states) into a temp folder, then renamed: a folder
-    named checkpoint-N always holds a whole checkpoint. The step and data position go in progress.json."""
+    named checkpoint-N always holds a whole checkpoint. The step and data position go in progress.json.
+
+    A failed write (disk full, no permission) removes the temp folder, leaves every earlier checkpoint as it was and
+    raises CheckpointSaveError saying so.
+    """
     final = checkpoint_dir / f"checkpoint-{progress['step']:07d}"
     temporary = checkpoint_dir / f".tmp-{final.name}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (temporary / "progress.json").write_text(json.dumps(progress, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
+        previous = list_checkpoints(checkpoint_dir)
+        kept = f"the previous checkpoint {previous[-1][1].name} (step {previous[-1][0]}) is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointSaveError(
+            f"could not write {final.name} in {checkpoint_dir} ({error}); {kept}. Free disk space or fix the "
+            f"folder's permissions, then rerun with --resume."
+        ) from error
     if accelerator.is_main_process:
-        (temporary / "progress.json").write_text(json.dumps(progress, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
         for _, old in list_checkpoints(checkpoint_dir)[:-keep] if keep else []:
+            (old / "progress.json").unlink()  # first, so a kill mid-delete never leaves a "complete" half folder
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
