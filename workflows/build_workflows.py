@@ -2,33 +2,43 @@
 
     python workflows/build_workflows.py          # rewrites the files below; commit them
 
-Outputs:
-    workflows/thinkdiff_lvlm_in_context.json          UI format (version 0.4): drag into ComfyUI
-    workflows/api/thinkdiff_lvlm_in_context.api.json  API format (POST /prompt): used by tests/integration
-    workflows/input/thinkdiff_red_car.png, thinkdiff_blue_car.png   the in-context example pictures (copy them
-                                                                    into ComfyUI's input folder)
+Outputs (UI format version 0.4 in workflows/, to drag into ComfyUI; API format for POST /prompt in workflows/api/,
+used by tests/integration):
+    thinkdiff_lvlm_in_context   ThinkDiff-LVLM: Qwen2-VL reasons over pictures + words, its tokens replace the prompt
+    thinkdiff_clip_style        ThinkDiff-CLIP: one picture + text ("a dog" in the style of the picture)
+    thinkdiff_clip_compose      ThinkDiff-CLIP: two pictures composed, plus a short text
+    thinkdiff_three_modes       one VLM run rendered three ways: thinkdiff (aligned tokens), text (the VLM's words
+                                through FLUX's own encoders), hybrid (aligned tokens, then the words' T5 tokens)
+    workflows/input/*.png       the example pictures (copy them into ComfyUI's input folder)
 
-The graph is the paper's ThinkDiff-LVLM recipe (recipe sections 4, 5, 10): Qwen2-VL reads "red: <red car>, blue:
-<blue car>, green: ?", generates 128 tokens; their final-norm states go through the aligner into T5 space and replace
-FLUX.1-dev's prompt tokens; the pooled vector is CLIP-L("") from an empty CLIPTextEncodeFlux; guidance 3.5, 28 euler
-steps, 1024x1024, seed 42.
+ThinkDiff-LVLM (recipe sections 4, 5, 10): Qwen2-VL reads "red: <red car>, blue: <blue car>, green: ?", generates 128
+tokens; their final-norm states go through the aligner into T5 space and replace FLUX.1-dev's prompt tokens; the
+pooled vector is CLIP-L("") from an empty CLIPTextEncodeFlux; guidance 3.5, 28 euler steps, 1024x1024, seed 42.
+ThinkDiff-CLIP (recipe sections 7, 10): BLIP-2's vision tower gives 65 tokens per picture, the CLIP aligner maps them
+to T5 space, and they go *before* the text's T5 tokens trimmed to 128 (ComfyUI pads T5 to 256, the recipe to 128):
+193 tokens for one picture, 258 for two; pooled = CLIP-L of the text; same FLUX settings.
 
 `widgets_values` are positional, in the order of each node's INPUT_TYPES (nodes/*.py, ComfyUI's nodes.py); the
 frontend stores an extra value after an INT with control_after_generate (the seeds) and an "upload" value for
 LoadImage. Those UI-only values are marked `ui_only` below and left out of the API format; PreviewAny's text box is the
-reverse (`api_only`). tests/integration/test_browser.py checks both files against what the real frontend makes of them.
+reverse (`api_only`). A widget fed by a link (the VLM's text into CLIPTextEncodeFlux) keeps its value in
+widgets_values and gets an input entry {"name", "type", "widget": {"name"}, "link"} after the node's sockets, as the
+frontend saves it; the API format has [node, slot] for it. tests/integration/test_browser.py checks every file
+against what the real frontend makes of it.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 HF = "https://huggingface.co"
+DEFAULT_WORKFLOW_ID = "6b1d3c52-7f0e-4c1a-9a51-7468696e6b64"
 
 
 @dataclass
@@ -53,6 +63,12 @@ class Node:
     virtual: bool = False  # frontend-only (notes): not in the API format
     color: str | None = None
     bgcolor: str | None = None
+    # Widgets fed by a link ("converted to an input"): (widget name, type), saved after the sockets.
+    widget_sockets: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[tuple[str, str]]:
+        return self.sockets + self.widget_sockets
 
 
 @dataclass
@@ -65,7 +81,7 @@ class Link:
 
     @property
     def dst_slot(self) -> int:
-        return [name for name, _ in self.dst.sockets].index(self.dst_input)
+        return [name for name, _ in self.dst.inputs].index(self.dst_input)
 
     @property
     def type(self) -> str:
@@ -78,6 +94,7 @@ class Workflow:
     nodes: list[Node]
     links: list[Link]
     groups: list[dict] = field(default_factory=list)
+    id: str = DEFAULT_WORKFLOW_ID  # fixed, so regenerating gives the same file
 
     def ui(self) -> dict:
         nodes = []
@@ -85,6 +102,15 @@ class Workflow:
             properties = {"Node name for S&R": node.type} if not node.virtual else {}
             if node.models:
                 properties["models"] = node.models
+            inputs = []
+            for name, kind in node.inputs:
+                entry = {"name": name, "type": kind}
+                if (name, kind) in node.widget_sockets:
+                    entry["widget"] = {"name": name}
+                entry["link"] = next(
+                    (link.id for link in self.links if link.dst is node and link.dst_input == name), None
+                )
+                inputs.append(entry)
             entry = {
                 "id": node.id,
                 "type": node.type,
@@ -93,16 +119,7 @@ class Workflow:
                 "flags": {},
                 "order": order,
                 "mode": 0,
-                "inputs": [
-                    {
-                        "name": name,
-                        "type": kind,
-                        "link": next(
-                            (link.id for link in self.links if link.dst is node and link.dst_input == name), None
-                        ),
-                    }
-                    for name, kind in node.sockets
-                ],
+                "inputs": inputs,
                 "outputs": [
                     {
                         "name": name,
@@ -120,7 +137,7 @@ class Workflow:
                 entry["color"], entry["bgcolor"] = node.color, node.bgcolor
             nodes.append(entry)
         return {
-            "id": "6b1d3c52-7f0e-4c1a-9a51-7468696e6b64",  # fixed, so regenerating gives the same file
+            "id": self.id,
             "revision": 0,
             "last_node_id": max(node.id for node in self.nodes),
             "last_link_id": max(link.id for link in self.links),
@@ -151,6 +168,320 @@ class Workflow:
         return prompt
 
 
+def wire(wiring: list[tuple[Node, int, Node, str]]) -> list[Link]:
+    """Links numbered from 1 in the order given: (source node, output slot, target node, input name)."""
+    return [Link(index, src, slot, dst, name) for index, (src, slot, dst, name) in enumerate(wiring, start=1)]
+
+
+# --- nodes shared by the workflows ----------------------------------------------------------------------------------
+
+
+def load_image(id: int, pos: tuple[int, int], image: str, title: str, size: tuple[int, int] = (220, 350)) -> Node:
+    return Node(
+        id,
+        "LoadImage",
+        pos,
+        size,
+        [Widget("image", image), Widget("upload", "image", ui_only=True)],
+        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        title=title,
+    )
+
+
+def aligner_loader(id: int, pos: tuple[int, int], name: str) -> Node:
+    return Node(
+        id,
+        "ThinkDiffAlignerLoader",
+        pos,
+        (340, 60),
+        [Widget("aligner", name)],
+        outputs=[("aligner", "THINKDIFF_ALIGNER")],
+        models=[{"name": name, "url": f"{HF}/Mifucius/ThinkDiff/resolve/main/{name}", "directory": "thinkdiff"}],
+    )
+
+
+def vlm_loader(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "ThinkDiffVLMLoader",
+        pos,
+        (340, 180),
+        [
+            Widget("model", "Qwen2-VL-7B-Instruct"),
+            Widget("dtype", "auto"),
+            Widget("device", "auto"),
+            Widget("attention", "sdpa"),
+            Widget("trust_remote_code", False),
+        ],
+        outputs=[("vlm", "THINKDIFF_VLM")],
+        # No properties.models here: the VLM is a folder, and the frontend compares hints with single files, so a
+        # hint would always report it missing. The Read-me note gives the download command.
+    )
+
+
+def vlm_encode(id: int, pos: tuple[int, int]) -> Node:
+    """The in-context example: image 1 goes with "red", image 2 with "blue", the query is "green"."""
+    return Node(
+        id,
+        "ThinkDiffVLMEncode",
+        pos,
+        (340, 340),
+        [
+            Widget("prompt", "red\nblue\ngreen"),
+            Widget("layout", "in-context words"),
+            Widget("num_tokens", 128),
+            Widget("seed", 42),
+            Widget("control_after_generate", "fixed", ui_only=True),
+            Widget("temperature", 0.6),
+            Widget("top_p", 0.9),
+            Widget("greedy", False),
+            Widget("keep_model_loaded", False),
+        ],
+        sockets=[
+            ("vlm", "THINKDIFF_VLM"),
+            ("image_1", "IMAGE"),
+            ("image_2", "IMAGE"),
+            ("image_3", "IMAGE"),
+            ("image_4", "IMAGE"),
+        ],
+        outputs=[("features", "THINKDIFF_FEATURES"), ("text", "STRING")],
+    )
+
+
+VISION_ENCODER = "blip2_vision_tower.safetensors"  # made by `python -m thinkdiff_core extract-vision`; no public URL
+
+
+def vision_loader(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "ThinkDiffVisionLoader",
+        pos,
+        (340, 110),
+        [Widget("encoder", VISION_ENCODER), Widget("dtype", "auto"), Widget("device", "auto")],
+        outputs=[("vision", "THINKDIFF_VISION")],
+        # No properties.models: the extracted file is made locally (no URL to offer); the Read-me note says how.
+    )
+
+
+def vision_encode(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "ThinkDiffVisionEncode",
+        pos,
+        (340, 170),
+        [Widget("token_grid", "8x8 (65 tokens, recipe)")],
+        sockets=[
+            ("vision", "THINKDIFF_VISION"),
+            ("image_1", "IMAGE"),
+            ("image_2", "IMAGE"),
+            ("image_3", "IMAGE"),
+            ("image_4", "IMAGE"),
+        ],
+        outputs=[("features", "THINKDIFF_FEATURES")],
+    )
+
+
+def thinkdiff_conditioning(
+    id: int,
+    pos: tuple[int, int],
+    mode: str,
+    text_tokens: int,
+    title: str | None = None,
+    size: tuple[int, int] = (340, 150),
+) -> Node:
+    return Node(
+        id,
+        "ThinkDiffConditioning",
+        pos,
+        size,
+        [Widget("mode", mode), Widget("strength", 1.0), Widget("text_tokens", text_tokens)],
+        sockets=[
+            ("aligner", "THINKDIFF_ALIGNER"),
+            ("features", "THINKDIFF_FEATURES"),
+            ("conditioning", "CONDITIONING"),
+        ],
+        outputs=[("CONDITIONING", "CONDITIONING")],
+        title=title,
+    )
+
+
+def preview_any(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "PreviewAny",
+        pos,
+        (340, 240),
+        # The frontend's read-only text box: not saved in the workflow, but sent (and ignored) in the API prompt.
+        [Widget("preview", "", api_only=True)],
+        sockets=[("source", "*")],
+        title="VLM text",
+    )
+
+
+def dual_clip_loader(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "DualCLIPLoader",
+        pos,
+        (340, 130),
+        [
+            Widget("clip_name1", "clip_l.safetensors"),
+            Widget("clip_name2", "t5xxl_fp16.safetensors"),
+            Widget("type", "flux"),
+            Widget("device", "default"),
+        ],
+        outputs=[("CLIP", "CLIP")],
+        models=[
+            {
+                "name": "clip_l.safetensors",
+                "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+                "directory": "text_encoders",
+            },
+            {
+                "name": "t5xxl_fp16.safetensors",
+                "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+                "directory": "text_encoders",
+            },
+        ],
+    )
+
+
+def text_encode_flux(
+    id: int,
+    pos: tuple[int, int],
+    text: str,
+    title: str,
+    linked_text: bool = False,
+    size: tuple[int, int] = (340, 170),
+) -> Node:
+    """CLIPTextEncodeFlux with `text` in both clip_l and t5xxl; linked_text: both widgets are fed by a STRING link."""
+    return Node(
+        id,
+        "CLIPTextEncodeFlux",
+        pos,
+        size,
+        [Widget("clip_l", text), Widget("t5xxl", text), Widget("guidance", 3.5)],
+        sockets=[("clip", "CLIP")],
+        outputs=[("CONDITIONING", "CONDITIONING")],
+        title=title,
+        widget_sockets=[("clip_l", "STRING"), ("t5xxl", "STRING")] if linked_text else [],
+    )
+
+
+def unet_loader(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "UNETLoader",
+        pos,
+        (320, 90),
+        [Widget("unet_name", "flux1-dev.safetensors"), Widget("weight_dtype", "default")],
+        outputs=[("MODEL", "MODEL")],
+        models=[
+            {
+                "name": "flux1-dev.safetensors",
+                "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
+                "directory": "diffusion_models",
+            }
+        ],
+    )
+
+
+def zero_out(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "ConditioningZeroOut",
+        pos,
+        (320, 30),
+        sockets=[("conditioning", "CONDITIONING")],
+        outputs=[("CONDITIONING", "CONDITIONING")],
+    )
+
+
+def empty_latent(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "EmptySD3LatentImage",
+        pos,
+        (320, 110),
+        [Widget("width", 1024), Widget("height", 1024), Widget("batch_size", 1)],
+        outputs=[("LATENT", "LATENT")],
+    )
+
+
+def ksampler(id: int, pos: tuple[int, int], title: str | None = None) -> Node:
+    """The recipe's FLUX.1-dev settings: seed 42, 28 euler steps, simple scheduler, cfg 1 (guidance is distilled)."""
+    return Node(
+        id,
+        "KSampler",
+        pos,
+        (320, 270),
+        [
+            Widget("seed", 42),
+            Widget("control_after_generate", "fixed", ui_only=True),
+            Widget("steps", 28),
+            Widget("cfg", 1.0),
+            Widget("sampler_name", "euler"),
+            Widget("scheduler", "simple"),
+            Widget("denoise", 1.0),
+        ],
+        sockets=[
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+        ],
+        outputs=[("LATENT", "LATENT")],
+        title=title,
+    )
+
+
+def vae_loader(id: int, pos: tuple[int, int]) -> Node:
+    return Node(
+        id,
+        "VAELoader",
+        pos,
+        (300, 60),
+        [Widget("vae_name", "ae.safetensors")],
+        outputs=[("VAE", "VAE")],
+        models=[
+            {
+                "name": "ae.safetensors",
+                "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
+                "directory": "vae",
+            }
+        ],
+    )
+
+
+def vae_decode(id: int, pos: tuple[int, int], size: tuple[int, int] = (300, 50)) -> Node:
+    return Node(
+        id,
+        "VAEDecode",
+        pos,
+        size,
+        sockets=[("samples", "LATENT"), ("vae", "VAE")],
+        outputs=[("IMAGE", "IMAGE")],
+    )
+
+
+def save_image(id: int, pos: tuple[int, int], prefix: str, size: tuple[int, int] = (420, 460)) -> Node:
+    return Node(id, "SaveImage", pos, size, [Widget("filename_prefix", prefix)], sockets=[("images", "IMAGE")])
+
+
+def note(id: int, text: str, size: tuple[int, int] = (460, 500)) -> Node:
+    return Node(
+        id, "MarkdownNote", (-500, 0), size, [Widget("text", text)], title="Read me: models and inputs", virtual=True
+    )
+
+
+def group(id: int, title: str, bounding: list[int], color: str) -> dict:
+    return {"id": id, "title": title, "bounding": bounding, "color": color, "flags": {}}
+
+
+FLUX_MODELS_TABLE = """| `flux1-dev.safetensors` | `models/diffusion_models/` | [black-forest-labs/FLUX.1-dev](https://huggingface.co/black-forest-labs/FLUX.1-dev) |
+| `ae.safetensors` | `models/vae/` | same repository |
+| `clip_l.safetensors`, `t5xxl_fp16.safetensors` | `models/text_encoders/` | [comfyanonymous/flux_text_encoders](https://huggingface.co/comfyanonymous/flux_text_encoders) |"""
+
 # --- the ThinkDiff-LVLM in-context workflow ------------------------------------------------------------------------
 
 NOTE = """# ThinkDiff-LVLM: in-context reasoning, then drawing
@@ -179,286 +510,284 @@ words: one word per line, picture *k* goes with word *k*, the last word is the q
 
 
 def thinkdiff_lvlm_in_context() -> Workflow:
-    note = Node(
-        1,
-        "MarkdownNote",
-        (-500, 0),
-        (460, 500),
-        [Widget("text", NOTE)],
-        title="Read me: models and inputs",
-        virtual=True,
-    )
-    image_red = Node(
-        2,
-        "LoadImage",
-        (-500, 540),
-        (220, 350),
-        [Widget("image", "thinkdiff_red_car.png"), Widget("upload", "image", ui_only=True)],
-        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-        title="Load Image (word 1: red)",
-    )
-    image_blue = Node(
-        3,
-        "LoadImage",
-        (-260, 540),
-        (220, 350),
-        [Widget("image", "thinkdiff_blue_car.png"), Widget("upload", "image", ui_only=True)],
-        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-        title="Load Image (word 2: blue)",
-    )
-    vlm_loader = Node(
-        4,
-        "ThinkDiffVLMLoader",
-        (0, 0),
-        (340, 180),
-        [
-            Widget("model", "Qwen2-VL-7B-Instruct"),
-            Widget("dtype", "auto"),
-            Widget("device", "auto"),
-            Widget("attention", "sdpa"),
-            Widget("trust_remote_code", False),
-        ],
-        outputs=[("vlm", "THINKDIFF_VLM")],
-        # No properties.models here: the VLM is a folder, and the frontend compares hints with single files, so a
-        # hint would always report it missing. The Read-me note gives the download command.
-    )
-    vlm_encode = Node(
-        5,
-        "ThinkDiffVLMEncode",
-        (0, 220),
-        (340, 340),
-        [
-            Widget("prompt", "red\nblue\ngreen"),
-            Widget("layout", "in-context words"),
-            Widget("num_tokens", 128),
-            Widget("seed", 42),
-            Widget("control_after_generate", "fixed", ui_only=True),
-            Widget("temperature", 0.6),
-            Widget("top_p", 0.9),
-            Widget("greedy", False),
-            Widget("keep_model_loaded", False),
-        ],
-        sockets=[
-            ("vlm", "THINKDIFF_VLM"),
-            ("image_1", "IMAGE"),
-            ("image_2", "IMAGE"),
-            ("image_3", "IMAGE"),
-            ("image_4", "IMAGE"),
-        ],
-        outputs=[("features", "THINKDIFF_FEATURES"), ("text", "STRING")],
-    )
-    aligner_loader = Node(
-        6,
-        "ThinkDiffAlignerLoader",
-        (400, 0),
-        (340, 60),
-        [Widget("aligner", "thinkdiff_lvlm.pth")],
-        outputs=[("aligner", "THINKDIFF_ALIGNER")],
-        models=[
-            {
-                "name": "thinkdiff_lvlm.pth",
-                "url": f"{HF}/Mifucius/ThinkDiff/resolve/main/thinkdiff_lvlm.pth",
-                "directory": "thinkdiff",
-            }
-        ],
-    )
-    clip_loader = Node(
-        7,
-        "DualCLIPLoader",
-        (400, 110),
-        (340, 130),
-        [
-            Widget("clip_name1", "clip_l.safetensors"),
-            Widget("clip_name2", "t5xxl_fp16.safetensors"),
-            Widget("type", "flux"),
-            Widget("device", "default"),
-        ],
-        outputs=[("CLIP", "CLIP")],
-        models=[
-            {
-                "name": "clip_l.safetensors",
-                "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
-                "directory": "text_encoders",
-            },
-            {
-                "name": "t5xxl_fp16.safetensors",
-                "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
-                "directory": "text_encoders",
-            },
-        ],
-    )
-    empty_text = Node(
-        8,
-        "CLIPTextEncodeFlux",
-        (400, 280),
-        (340, 170),
-        [Widget("clip_l", ""), Widget("t5xxl", ""), Widget("guidance", 3.5)],
-        sockets=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        title='Empty prompt (CLIP-L "" pooled)',
-    )
-    conditioning = Node(
-        9,
-        "ThinkDiffConditioning",
-        (400, 490),
-        (340, 120),
-        [Widget("mode", "replace"), Widget("strength", 1.0)],
-        sockets=[
-            ("aligner", "THINKDIFF_ALIGNER"),
-            ("features", "THINKDIFF_FEATURES"),
-            ("conditioning", "CONDITIONING"),
-        ],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-    )
-    preview_text = Node(
-        10,
-        "PreviewAny",
-        (400, 650),
-        (340, 240),
-        # The frontend's read-only text box: not saved in the workflow, but sent (and ignored) in the API prompt.
-        [Widget("preview", "", api_only=True)],
-        sockets=[("source", "*")],
-        title="VLM text",
-    )
-    unet_loader = Node(
-        11,
-        "UNETLoader",
-        (800, 0),
-        (320, 90),
-        [Widget("unet_name", "flux1-dev.safetensors"), Widget("weight_dtype", "default")],
-        outputs=[("MODEL", "MODEL")],
-        models=[
-            {
-                "name": "flux1-dev.safetensors",
-                "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
-                "directory": "diffusion_models",
-            }
-        ],
-    )
-    zero_out = Node(
-        12,
-        "ConditioningZeroOut",
-        (800, 130),
-        (320, 30),
-        sockets=[("conditioning", "CONDITIONING")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-    )
-    latent = Node(
-        13,
-        "EmptySD3LatentImage",
-        (800, 200),
-        (320, 110),
-        [Widget("width", 1024), Widget("height", 1024), Widget("batch_size", 1)],
-        outputs=[("LATENT", "LATENT")],
-    )
-    sampler = Node(
-        14,
-        "KSampler",
-        (800, 350),
-        (320, 270),
-        [
-            Widget("seed", 42),
-            Widget("control_after_generate", "fixed", ui_only=True),
-            Widget("steps", 28),
-            Widget("cfg", 1.0),
-            Widget("sampler_name", "euler"),
-            Widget("scheduler", "simple"),
-            Widget("denoise", 1.0),
-        ],
-        sockets=[
-            ("model", "MODEL"),
-            ("positive", "CONDITIONING"),
-            ("negative", "CONDITIONING"),
-            ("latent_image", "LATENT"),
-        ],
-        outputs=[("LATENT", "LATENT")],
-    )
-    vae_loader = Node(
-        15,
-        "VAELoader",
-        (1160, 0),
-        (300, 60),
-        [Widget("vae_name", "ae.safetensors")],
-        outputs=[("VAE", "VAE")],
-        models=[
-            {
-                "name": "ae.safetensors",
-                "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
-                "directory": "vae",
-            }
-        ],
-    )
-    decode = Node(
-        16,
-        "VAEDecode",
-        (1160, 110),
-        (300, 50),
-        sockets=[("samples", "LATENT"), ("vae", "VAE")],
-        outputs=[("IMAGE", "IMAGE")],
-    )
-    save = Node(
-        17,
-        "SaveImage",
-        (1160, 200),
-        (420, 460),
-        [Widget("filename_prefix", "ThinkDiff")],
-        sockets=[("images", "IMAGE")],
-    )
+    readme = note(1, NOTE)
+    image_red = load_image(2, (-500, 540), "thinkdiff_red_car.png", "Load Image (word 1: red)")
+    image_blue = load_image(3, (-260, 540), "thinkdiff_blue_car.png", "Load Image (word 2: blue)")
+    vlm = vlm_loader(4, (0, 0))
+    encode = vlm_encode(5, (0, 220))
+    aligner = aligner_loader(6, (400, 0), "thinkdiff_lvlm.pth")
+    clip = dual_clip_loader(7, (400, 110))
+    empty_text = text_encode_flux(8, (400, 280), "", 'Empty prompt (CLIP-L "" pooled)')
+    conditioning = thinkdiff_conditioning(9, (400, 490), "replace", 0)
+    preview = preview_any(10, (400, 680))
+    unet = unet_loader(11, (800, 0))
+    negative = zero_out(12, (800, 130))
+    latent = empty_latent(13, (800, 200))
+    sampler = ksampler(14, (800, 350))
+    vae = vae_loader(15, (1160, 0))
+    decode = vae_decode(16, (1160, 110))
+    save = save_image(17, (1160, 200), "ThinkDiff")
     nodes = [
-        note,
+        readme,
         image_red,
         image_blue,
-        vlm_loader,
-        vlm_encode,
-        aligner_loader,
-        clip_loader,
+        vlm,
+        encode,
+        aligner,
+        clip,
         empty_text,
         conditioning,
-        preview_text,
-        unet_loader,
-        zero_out,
+        preview,
+        unet,
+        negative,
         latent,
         sampler,
-        vae_loader,
+        vae,
         decode,
         save,
     ]
-    wiring = [
-        (vlm_loader, 0, vlm_encode, "vlm"),
-        (image_red, 0, vlm_encode, "image_1"),
-        (image_blue, 0, vlm_encode, "image_2"),
-        (clip_loader, 0, empty_text, "clip"),
-        (aligner_loader, 0, conditioning, "aligner"),
-        (vlm_encode, 0, conditioning, "features"),
-        (empty_text, 0, conditioning, "conditioning"),
-        (vlm_encode, 1, preview_text, "source"),
-        (empty_text, 0, zero_out, "conditioning"),
-        (unet_loader, 0, sampler, "model"),
-        (conditioning, 0, sampler, "positive"),
-        (zero_out, 0, sampler, "negative"),
-        (latent, 0, sampler, "latent_image"),
-        (sampler, 0, decode, "samples"),
-        (vae_loader, 0, decode, "vae"),
-        (decode, 0, save, "images"),
-    ]
-    links = [Link(index, src, slot, dst, name) for index, (src, slot, dst, name) in enumerate(wiring, start=1)]
+    links = wire(
+        [
+            (vlm, 0, encode, "vlm"),
+            (image_red, 0, encode, "image_1"),
+            (image_blue, 0, encode, "image_2"),
+            (clip, 0, empty_text, "clip"),
+            (aligner, 0, conditioning, "aligner"),
+            (encode, 0, conditioning, "features"),
+            (empty_text, 0, conditioning, "conditioning"),
+            (encode, 1, preview, "source"),
+            (empty_text, 0, negative, "conditioning"),
+            (unet, 0, sampler, "model"),
+            (conditioning, 0, sampler, "positive"),
+            (negative, 0, sampler, "negative"),
+            (latent, 0, sampler, "latent_image"),
+            (sampler, 0, decode, "samples"),
+            (vae, 0, decode, "vae"),
+            (decode, 0, save, "images"),
+        ]
+    )
     groups = [
-        {
-            "id": 1,
-            "title": "ThinkDiff: VLM reasoning -> aligned T5-space tokens",
-            "bounding": [-20, -80, 780, 1000],
-            "color": "#3f789e",
-            "flags": {},
-        },
-        {"id": 2, "title": "FLUX.1-dev", "bounding": [780, -80, 820, 760], "color": "#8A8", "flags": {}},
+        group(1, "ThinkDiff: VLM reasoning -> aligned T5-space tokens", [-20, -80, 780, 1000], "#3f789e"),
+        group(2, "FLUX.1-dev", [780, -80, 820, 760], "#8A8"),
     ]
     return Workflow("thinkdiff_lvlm_in_context", nodes, links, groups)
 
 
-WORKFLOWS = [thinkdiff_lvlm_in_context]
+# --- ThinkDiff-CLIP: pictures + text ---------------------------------------------------------------------------------
+
+CLIP_MODELS = f"""**Models** (put them in these folders, then press `r`):
+
+| file | folder | source |
+|---|---|---|
+| `{VISION_ENCODER}` | `models/clip_vision/` | made from [Salesforce/blip2-flan-t5-xxl](https://huggingface.co/Salesforce/blip2-flan-t5-xxl), see below |
+| `thinkdiff_clip.pth` | `models/thinkdiff/` | [Mifucius/ThinkDiff](https://huggingface.co/Mifucius/ThinkDiff) |
+{FLUX_MODELS_TABLE}
+
+**The vision encoder** is the vision tower of BLIP-2 (EVA ViT-g, about 1 B parameters). BLIP-2 ships it inside its
+whole checkpoint (with an 11 B flan-T5 that ThinkDiff-CLIP never uses), so there is no file to download on its own:
+download the repository once and extract the tower (`hf` is huggingface_hub's CLI; run the second line in this
+pack's folder with ComfyUI's Python), then the download may be deleted:
+
+    hf download Salesforce/blip2-flan-t5-xxl --exclude "*.bin" --local-dir blip2-flan-t5-xxl
+    python -m thinkdiff_core extract-vision blip2-flan-t5-xxl ComfyUI/models/clip_vision/{VISION_ENCODER}
+
+Or put the whole `blip2-flan-t5-xxl/` folder in `models/clip_vision/` and pick it in the loader (only its vision
+weights are read)."""
+
+CLIP_STYLE_NOTE = f"""# ThinkDiff-CLIP: a picture + your text
+
+**What it does.** BLIP-2's vision tower reads the picture: 1 CLS + 8x8 pooled patch tokens = **65 tokens**. The
+**ThinkDiff-CLIP aligner** maps them into FLUX's T5 space, and *ThinkDiff Conditioning* (mode `prepend`) puts them
+**before** the T5 tokens of your text, as in the paper. `text_tokens` 128 keeps the first 128 text tokens (ComfyUI
+pads T5 text to 256, the paper to 128): 65 + 128 = **193 tokens**. The pooled vector is CLIP-L of your text; guidance
+3.5. Here: *a dog* in the style of the painting. Write the same text in both boxes of the text encoder. A smaller
+`token_grid` (4x4, 2x2) lets the text weigh more; the aligner was trained on 8x8.
+
+{CLIP_MODELS}
+
+**Inputs.** Copy `workflows/input/*.png` of this pack into ComfyUI's `input/` folder, or load your own picture.
+"""
+
+CLIP_COMPOSE_NOTE = f"""# ThinkDiff-CLIP: two pictures composed
+
+**What it does.** Both pictures go through BLIP-2's vision tower, 65 tokens each, in input order (image_1, then
+image_2): **130 image tokens**. The **ThinkDiff-CLIP aligner** maps them into FLUX's T5 space and *ThinkDiff
+Conditioning* (mode `prepend`) puts them before the T5 tokens of a short text, trimmed to 128 (`text_tokens`):
+130 + 128 = **258 tokens**, the paper's two-image setting. FLUX draws one picture that combines both (here a
+sunflower and a vase). The pooled vector is CLIP-L of the text; guidance 3.5.
+
+{CLIP_MODELS}
+
+**Inputs.** Copy `workflows/input/*.png` of this pack into ComfyUI's `input/` folder, or load your own pictures
+(up to four: image_3, image_4).
+"""
 
 
-# --- the in-context example pictures -------------------------------------------------------------------------------
+def clip_workflow(name: str, workflow_id: str, pictures: list[tuple[str, str]], text: str, note_text: str) -> Workflow:
+    """ThinkDiff-CLIP: LoadImage(s) -> vision encode -> aligner -> prepend to the text's T5 tokens (128) -> FLUX."""
+    readme = note(1, note_text, size=(460, 560))
+    images = [
+        load_image(2 + index, (-500 + 250 * index, 600), image, title, size=(230, 330))
+        for index, (image, title) in enumerate(pictures)
+    ]
+    first = 2 + len(images)
+    vision = vision_loader(first, (0, 0))
+    encode = vision_encode(first + 1, (0, 150))
+    aligner = aligner_loader(first + 2, (0, 360), "thinkdiff_clip.pth")
+    clip = dual_clip_loader(first + 3, (400, 0))
+    prompt = text_encode_flux(first + 4, (400, 170), text, "Text (after the picture tokens)")
+    conditioning = thinkdiff_conditioning(
+        first + 5, (400, 380), "prepend", 128, title="ThinkDiff Conditioning (prepend)"
+    )
+    unet = unet_loader(first + 6, (800, 0))
+    negative = zero_out(first + 7, (800, 130))
+    latent = empty_latent(first + 8, (800, 200))
+    sampler = ksampler(first + 9, (800, 350))
+    vae = vae_loader(first + 10, (1160, 0))
+    decode = vae_decode(first + 11, (1160, 110))
+    save = save_image(first + 12, (1160, 200), f"ThinkDiff-CLIP-{name.rsplit('_', 1)[1]}")
+    wiring = [(vision, 0, encode, "vision")]
+    wiring += [(image, 0, encode, f"image_{index}") for index, image in enumerate(images, start=1)]
+    wiring += [
+        (clip, 0, prompt, "clip"),
+        (aligner, 0, conditioning, "aligner"),
+        (encode, 0, conditioning, "features"),
+        (prompt, 0, conditioning, "conditioning"),
+        (prompt, 0, negative, "conditioning"),
+        (unet, 0, sampler, "model"),
+        (conditioning, 0, sampler, "positive"),
+        (negative, 0, sampler, "negative"),
+        (latent, 0, sampler, "latent_image"),
+        (sampler, 0, decode, "samples"),
+        (vae, 0, decode, "vae"),
+        (decode, 0, save, "images"),
+    ]
+    nodes = [readme, *images, vision, encode, aligner, clip, prompt, conditioning, unet, negative, latent, sampler]
+    nodes += [vae, decode, save]
+    groups = [
+        group(
+            1, "ThinkDiff-CLIP: picture tokens (BLIP-2 -> aligner), then text tokens", [-20, -80, 780, 640], "#3f789e"
+        ),
+        group(2, "FLUX.1-dev", [780, -80, 820, 760], "#8A8"),
+    ]
+    return Workflow(name, nodes, wire(wiring), groups, id=workflow_id)
+
+
+def thinkdiff_clip_style() -> Workflow:
+    return clip_workflow(
+        "thinkdiff_clip_style",
+        "6b1d3c52-7f0e-4c1a-9a51-7468696e6b65",
+        [("thinkdiff_style_painting.png", "Load Image (style)")],
+        "a dog",
+        CLIP_STYLE_NOTE,
+    )
+
+
+def thinkdiff_clip_compose() -> Workflow:
+    return clip_workflow(
+        "thinkdiff_clip_compose",
+        "6b1d3c52-7f0e-4c1a-9a51-7468696e6b66",
+        [("thinkdiff_sunflower.png", "Load Image (image_1)"), ("thinkdiff_vase.png", "Load Image (image_2)")],
+        "a photo",
+        CLIP_COMPOSE_NOTE,
+    )
+
+
+# --- one VLM run, three ways to draw it ------------------------------------------------------------------------------
+
+THREE_MODES_NOTE = f"""# ThinkDiff-LVLM: one VLM run, three renderings
+
+Qwen2-VL reads the in-context example (*red* -> red car, *blue* -> blue car, *green* -> ?) **once**; FLUX draws its
+answer three ways with the same seed, side by side:
+
+- **(a) thinkdiff** (the paper): the 128 generated tokens' states through the aligner **replace** the prompt;
+  the empty text encoder supplies CLIP-L("") pooled and guidance 3.5.
+- **(b) text**: the VLM's generated *text* through FLUX's own CLIP-L and T5 (the text output is wired into both
+  boxes of *CLIPTextEncodeFlux*): the usual "VLM writes the prompt" baseline.
+- **(c) hybrid**: the aligned tokens **first**, then the T5 tokens of that text trimmed to 128 (`prepend`,
+  `text_tokens` 128: ThinkDiff-CLIP's order); pooled = CLIP-L of the text.
+
+The VLM generates exactly 128 tokens (the recipe), so its text may run on after the answer; the command-line
+`--mode text` / `hybrid` stop at the answer's end instead. *VLM text* shows what it wrote.
+
+**Models** (put them in these folders, then press `r`):
+
+| file | folder | source |
+|---|---|---|
+| `Qwen2-VL-7B-Instruct/` (whole folder) | `models/LLM/` | [Qwen/Qwen2-VL-7B-Instruct](https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct) |
+| `thinkdiff_lvlm.pth` | `models/thinkdiff/` | [Mifucius/ThinkDiff](https://huggingface.co/Mifucius/ThinkDiff) |
+{FLUX_MODELS_TABLE}
+
+The VLM is a folder, not one file (`hf` is huggingface_hub's CLI; older versions call it `huggingface-cli`):
+`hf download Qwen/Qwen2-VL-7B-Instruct --local-dir models/LLM/Qwen2-VL-7B-Instruct`
+
+**Inputs.** Copy `workflows/input/*.png` of this pack into ComfyUI's `input/` folder.
+"""
+
+
+def thinkdiff_three_modes() -> Workflow:
+    readme = note(1, THREE_MODES_NOTE, size=(460, 560))
+    image_red = load_image(2, (-500, 600), "thinkdiff_red_car.png", "Load Image (word 1: red)")
+    image_blue = load_image(3, (-260, 600), "thinkdiff_blue_car.png", "Load Image (word 2: blue)")
+    vlm = vlm_loader(4, (0, 0))
+    encode = vlm_encode(5, (0, 220))
+    preview = preview_any(6, (0, 650))
+    aligner = aligner_loader(7, (400, 0), "thinkdiff_lvlm.pth")
+    clip = dual_clip_loader(8, (400, 110))
+    empty_text = text_encode_flux(9, (400, 280), "", 'Empty prompt (CLIP-L "" pooled)')
+    vlm_text = text_encode_flux(10, (400, 520), "", "VLM text as the prompt (b, c)", linked_text=True)
+    replace = thinkdiff_conditioning(11, (800, 0), "replace", 0, title="(a) thinkdiff: aligned tokens only")
+    hybrid = thinkdiff_conditioning(12, (800, 660), "prepend", 128, title="(c) hybrid: aligned tokens, then text")
+    unet = unet_loader(13, (800, 200))
+    negative = zero_out(14, (800, 330))
+    latent = empty_latent(15, (800, 400))
+    vae = vae_loader(16, (800, 560))
+    samplers, decodes, saves = [], [], []
+    for index, mode in enumerate(("thinkdiff", "text", "hybrid")):
+        letter = "abc"[index]
+        samplers.append(ksampler(17 + index, (1200, 330 * index), title=f"KSampler ({letter}) {mode}"))
+        decodes.append(vae_decode(20 + index, (1560, 330 * index), size=(220, 50)))
+        saves.append(save_image(23 + index, (1820, 330 * index), mode, size=(300, 300)))
+    wiring = [
+        (vlm, 0, encode, "vlm"),
+        (image_red, 0, encode, "image_1"),
+        (image_blue, 0, encode, "image_2"),
+        (encode, 1, preview, "source"),
+        (clip, 0, empty_text, "clip"),
+        (clip, 0, vlm_text, "clip"),
+        (encode, 1, vlm_text, "clip_l"),
+        (encode, 1, vlm_text, "t5xxl"),
+        (aligner, 0, replace, "aligner"),
+        (encode, 0, replace, "features"),
+        (empty_text, 0, replace, "conditioning"),
+        (aligner, 0, hybrid, "aligner"),
+        (encode, 0, hybrid, "features"),
+        (vlm_text, 0, hybrid, "conditioning"),
+        (empty_text, 0, negative, "conditioning"),
+    ]
+    for sampler, positive, decode, save in zip(samplers, (replace, vlm_text, hybrid), decodes, saves):
+        wiring += [
+            (unet, 0, sampler, "model"),
+            (positive, 0, sampler, "positive"),
+            (negative, 0, sampler, "negative"),
+            (latent, 0, sampler, "latent_image"),
+            (sampler, 0, decode, "samples"),
+            (vae, 0, decode, "vae"),
+            (decode, 0, save, "images"),
+        ]
+    nodes = [readme, image_red, image_blue, vlm, encode, preview, aligner, clip, empty_text, vlm_text, replace, hybrid]
+    nodes += [unet, negative, latent, vae, *samplers, *decodes, *saves]
+    groups = [
+        group(1, "One VLM run (shared)", [-20, -80, 780, 1040], "#3f789e"),
+        group(2, "FLUX.1-dev: (a) thinkdiff, (b) text, (c) hybrid; same seed", [780, -80, 1360, 1040], "#8A8"),
+    ]
+    return Workflow("thinkdiff_three_modes", nodes, wire(wiring), groups, id="6b1d3c52-7f0e-4c1a-9a51-7468696e6b67")
+
+
+WORKFLOWS = [thinkdiff_lvlm_in_context, thinkdiff_clip_style, thinkdiff_clip_compose, thinkdiff_three_modes]
+
+
+# --- the example pictures -------------------------------------------------------------------------------
 
 
 def draw_toy_car(color: str, size: int = 256) -> Image.Image:
@@ -482,7 +811,131 @@ def draw_toy_car(color: str, size: int = 256) -> Image.Image:
     return image
 
 
-INPUT_IMAGES = {"thinkdiff_red_car.png": (220, 40, 40), "thinkdiff_blue_car.png": (40, 90, 220)}
+def draw_style_painting(size: int = 256, seed: int = 7) -> Image.Image:
+    """A painting-like picture in a swirling night-sky style: brush-stroke swirls, a glowing moon, stars, hills and
+    a dark cypress, in saturated blues and yellows (for the style workflow)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (20, 40, 110))
+    draw = ImageDraw.Draw(image)
+    s = size / 256
+    blues = [(30, 70, 160), (60, 110, 200), (90, 150, 220), (40, 90, 180), (140, 190, 235), (20, 50, 130)]
+    for _ in range(900):  # short curved brush strokes following big swirls
+        x, y = rng.uniform(0, size), rng.uniform(0, size * 0.72)
+        radius = rng.uniform(10, 40) * s
+        start = rng.uniform(0, 360)
+        color = rng.choice(blues) if rng.random() > 0.12 else (235, 220, 120)
+        draw.arc(
+            [x - radius, y - radius, x + radius, y + radius],
+            start,
+            start + rng.uniform(30, 80),
+            fill=color,
+            width=max(2, int(3 * s)),
+        )
+    for cx, cy, r in ((120, 70, 34), (60, 120, 22)):  # two big swirls
+        for k in range(r // 5):
+            rr = (r - 4 * k) * s
+            draw.arc(
+                [cx * s - rr, cy * s - rr, cx * s + rr, cy * s + rr],
+                40 * k,
+                40 * k + 250,
+                fill=(170, 210, 240) if k % 2 else (240, 230, 150),
+                width=max(2, int(3 * s)),
+            )
+    for ring, color in ((30, (250, 220, 90)), (22, (255, 200, 60)), (14, (255, 245, 170))):  # moon with halo
+        draw.ellipse([(208 - ring) * s, (44 - ring) * s, (208 + ring) * s, (44 + ring) * s], fill=color)
+    for _ in range(14):  # stars
+        x, y, r = rng.uniform(10, 246) * s, rng.uniform(8, 150) * s, rng.uniform(3, 7) * s
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 240, 150), outline=(250, 250, 220))
+    draw.polygon(
+        [
+            (0, 200 * s),
+            (60 * s, 178 * s),
+            (130 * s, 196 * s),
+            (200 * s, 172 * s),
+            (256 * s, 190 * s),
+            (256 * s, 256 * s),
+            (0, 256 * s),
+        ],
+        fill=(30, 60, 60),
+    )
+    for _ in range(160):  # brushy hills
+        x, y = rng.uniform(0, size), rng.uniform(190 * s, size)
+        draw.line(
+            [x, y, x + rng.uniform(6, 16) * s, y + rng.uniform(-3, 3) * s],
+            fill=rng.choice([(40, 90, 80), (60, 110, 90), (25, 50, 70)]),
+            width=max(2, int(3 * s)),
+        )
+    draw.polygon(
+        [(40 * s, 256 * s), (52 * s, 120 * s), (60 * s, 60 * s), (70 * s, 125 * s), (84 * s, 256 * s)],
+        fill=(15, 35, 20),
+    )  # cypress
+    for _ in range(60):
+        x, y = rng.uniform(48, 76) * s, rng.uniform(80, 250) * s
+        draw.arc(
+            [x - 6 * s, y - 6 * s, x + 6 * s, y + 6 * s],
+            rng.uniform(0, 360),
+            rng.uniform(0, 360),
+            fill=(35, 70, 40),
+            width=2,
+        )
+    return image.filter(ImageFilter.SMOOTH)
+
+
+def draw_sunflower(size: int = 256) -> Image.Image:
+    """A drawn sunflower (yellow petals, brown seed disc, stem and leaves) on a pale background."""
+    import math
+
+    image = Image.new("RGB", (size, size), (236, 242, 248))
+    draw = ImageDraw.Draw(image)
+    s = size / 256
+    cx, cy = 128 * s, 96 * s
+    draw.line([cx, cy, cx + 6 * s, 250 * s], fill=(60, 130, 50), width=max(3, int(9 * s)))  # stem
+    draw.ellipse([cx - 70 * s, 160 * s, cx + 4 * s, 196 * s], fill=(70, 150, 60))  # leaves
+    draw.ellipse([cx + 8 * s, 190 * s, cx + 78 * s, 224 * s], fill=(70, 150, 60))
+    for k in range(16):  # petals
+        angle = 2 * math.pi * k / 16
+        px, py = cx + 52 * s * math.cos(angle), cy + 52 * s * math.sin(angle)
+        draw.ellipse([px - 18 * s, py - 18 * s, px + 18 * s, py + 18 * s], fill=(250, 200, 30), outline=(220, 160, 20))
+    draw.ellipse([cx - 34 * s, cy - 34 * s, cx + 34 * s, cy + 34 * s], fill=(110, 65, 25))  # seed disc
+    for k in range(40):
+        angle, radius = k * 2.4, 30 * s * math.sqrt(k / 40)
+        x, y = cx + radius * math.cos(angle), cy + radius * math.sin(angle)
+        draw.ellipse([x - 2 * s, y - 2 * s, x + 2 * s, y + 2 * s], fill=(70, 40, 15))
+    return image
+
+
+def draw_vase(size: int = 256) -> Image.Image:
+    """A drawn blue ceramic vase with a white pattern on a wooden table."""
+    image = Image.new("RGB", (size, size), (245, 238, 225))
+    draw = ImageDraw.Draw(image)
+    s = size / 256
+    draw.rectangle([0, 204 * s, size, size], fill=(170, 120, 75))  # table
+    draw.line([0, 204 * s, size, 204 * s], fill=(120, 80, 45), width=max(1, int(3 * s)))
+    draw.ellipse(
+        [74 * s, 96 * s, 182 * s, 212 * s], fill=(40, 80, 170), outline=(20, 40, 100), width=max(1, int(3 * s))
+    )  # body
+    draw.rectangle([104 * s, 44 * s, 152 * s, 110 * s], fill=(40, 80, 170))  # neck
+    draw.line([104 * s, 44 * s, 104 * s, 108 * s], fill=(20, 40, 100), width=max(1, int(3 * s)))
+    draw.line([152 * s, 44 * s, 152 * s, 108 * s], fill=(20, 40, 100), width=max(1, int(3 * s)))
+    draw.ellipse(
+        [96 * s, 34 * s, 160 * s, 54 * s], fill=(55, 100, 190), outline=(20, 40, 100), width=max(1, int(3 * s))
+    )  # rim
+    draw.ellipse([106 * s, 38 * s, 150 * s, 50 * s], fill=(20, 35, 80))  # opening
+    for x in (98, 128, 158):  # white pattern
+        draw.ellipse([(x - 9) * s, 140 * s, (x + 9) * s, 158 * s], outline=(235, 240, 250), width=max(1, int(3 * s)))
+    draw.arc([84 * s, 112 * s, 172 * s, 140 * s], 10, 170, fill=(235, 240, 250), width=max(1, int(3 * s)))
+    draw.arc([84 * s, 160 * s, 172 * s, 196 * s], 190, 350, fill=(235, 240, 250), width=max(1, int(3 * s)))
+    draw.ellipse([86 * s, 110 * s, 100 * s, 150 * s], fill=(110, 150, 220))  # highlight
+    return image
+
+
+INPUT_IMAGES = {
+    "thinkdiff_red_car.png": lambda: draw_toy_car((220, 40, 40)),
+    "thinkdiff_blue_car.png": lambda: draw_toy_car((40, 90, 220)),
+    "thinkdiff_style_painting.png": draw_style_painting,
+    "thinkdiff_sunflower.png": draw_sunflower,
+    "thinkdiff_vase.png": draw_vase,
+}
 
 
 def main() -> int:
@@ -495,9 +948,9 @@ def main() -> int:
         ui_path.write_text(json.dumps(workflow.ui(), indent=2, ensure_ascii=False) + "\n")
         api_path.write_text(json.dumps(workflow.api(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {ui_path.relative_to(WORKFLOWS_DIR.parent)} and {api_path.relative_to(WORKFLOWS_DIR.parent)}")
-    for name, color in INPUT_IMAGES.items():
+    for name, draw in INPUT_IMAGES.items():
         path = WORKFLOWS_DIR / "input" / name
-        draw_toy_car(color).save(path, optimize=True)
+        draw().save(path, optimize=True)
         print(f"wrote {path.relative_to(WORKFLOWS_DIR.parent)}")
     return 0
 

@@ -38,6 +38,10 @@ STANDIN_VERSION = "v1"  # bump when a stand-in builder changes, so cached files 
 TINY_VLM = "tiny-qwen2-vl-STANDIN"
 TINY_VLM_HIDDEN = 64
 TINY_ALIGNER = "tiny-lvlm-aligner-STANDIN.safetensors"
+TINY_VISION = "tiny-blip2-vision-STANDIN"  # a tiny BLIP-2 vision tower (hidden 48), extracted to a single file
+TINY_VISION_HIDDEN = 48
+TINY_CLIP_ALIGNER = "tiny-clip-aligner-STANDIN.safetensors"
+VISION_ENCODER_NAME = "blip2_vision_tower.safetensors"  # the ThinkDiff-CLIP workflows' encoder name
 COMFY_STANDINS = STANDIN_FILES  # built by comfy_standins.py
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
@@ -86,7 +90,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def standin_dir(request, tmp_path_factory) -> Path:
     """Cached stand-ins: FLUX/VAE/CLIP-L built by ComfyUI's own classes (comfy_standins.py, in a subprocess with
-    ComfyUI's python), the tiny Qwen2-VL folder and a matching aligner. Reused across runs via pytest's cache
+    ComfyUI's python), the tiny Qwen2-VL folder and a matching aligner, a tiny BLIP-2 vision tower extracted to one
+    file and a matching ThinkDiff-CLIP aligner. Reused across runs via pytest's cache
     (override with THINKDIFF_STANDIN_CACHE)."""
     if os.environ.get("THINKDIFF_STANDIN_CACHE"):
         base = Path(os.environ["THINKDIFF_STANDIN_CACHE"])
@@ -113,8 +118,35 @@ def standin_dir(request, tmp_path_factory) -> Path:
         save_aligner(
             standin.build_aligner(input_dim=TINY_VLM_HIDDEN, output_dim=4096, source_model=TINY_VLM), out / TINY_ALIGNER
         )
+    if not (out / f"{TINY_VISION}.safetensors").exists():
+        make_vision_tower_file(out / f"{TINY_VISION}.safetensors")
+    if not (out / TINY_CLIP_ALIGNER).exists():
+        save_aligner(build_clip_aligner(TINY_VISION_HIDDEN, TINY_VISION), out / TINY_CLIP_ALIGNER)
     print(f"[standins] ready in {time.perf_counter() - started:.1f} s at {out}")
     return out
+
+
+def make_vision_tower_file(path: Path, hidden_size: int = TINY_VISION_HIDDEN) -> Path:
+    """A tiny BLIP-2 vision tower as a single file, written the way users make the real one
+    (`python -m thinkdiff_core extract-vision`), so the vision loader lists and loads it."""
+    import tempfile
+
+    from thinkdiff_core import standin
+    from thinkdiff_core.vision import extract_vision_tower
+
+    with tempfile.TemporaryDirectory() as folder:
+        tower = standin.build_blip2_vision(Path(folder) / TINY_VISION, hidden_size=hidden_size)
+        return extract_vision_tower(tower, path)
+
+
+def build_clip_aligner(input_dim: int, source_model: str, seed: int = 0):
+    """A random ThinkDiff-CLIP aligner (variant "clip") input_dim -> 4096."""
+    import torch
+
+    from thinkdiff_core import AlignerSpec, ThinkDiffAligner
+
+    torch.manual_seed(seed)
+    return ThinkDiffAligner(AlignerSpec("clip", input_dim, 4096, source_model=source_model))
 
 
 # --- a ComfyUI home folder ------------------------------------------------------------------------------------------
@@ -159,7 +191,7 @@ class ComfyHome:
         return target
 
 
-MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "LLM", "thinkdiff")
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "clip_vision", "LLM", "thinkdiff")
 
 
 def make_home(root: Path) -> ComfyHome:
@@ -184,6 +216,43 @@ def make_home(root: Path) -> ComfyHome:
     }
     (home.user / "default" / "comfy.settings.json").write_text(json.dumps(settings))
     return home
+
+
+TEST_NODES = '''"""Test-only ComfyUI nodes, written by tests/integration/conftest.py into a test server's custom_nodes (never shipped)."""
+
+import torch
+
+
+class ThinkDiffTestT5Width:
+    """Stands in for T5-XXL's width: pads a (batch, tokens, 768) CLIP-L conditioning with zero features to 4096 and
+    with zero tokens to at least 256 (ComfyUI's FLUX T5 padding); pooled output and guidance are kept."""
+
+    CATEGORY = "ThinkDiff/tests"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "widen"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def widen(self, conditioning):
+        out = []
+        for cond, options in conditioning:
+            wide = torch.nn.functional.pad(cond, (0, 4096 - cond.shape[-1]))
+            wide = torch.nn.functional.pad(wide, (0, 0, 0, max(0, 256 - wide.shape[1])))
+            out.append([wide, dict(options)])
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"ThinkDiffTestT5Width": ThinkDiffTestT5Width}
+'''
+
+
+def install_test_nodes(home: ComfyHome) -> None:
+    """Adds the test-only nodes above (ThinkDiffTestT5Width) to the home's custom_nodes."""
+    package = home.root / "custom_nodes" / "thinkdiff_test_nodes"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(TEST_NODES)
 
 
 # --- the server -----------------------------------------------------------------------------------------------------
@@ -317,10 +386,15 @@ class Standins:
     flux: str = COMFY_STANDINS["flux"]
     vae: str = COMFY_STANDINS["vae"]
     clip_l: str = COMFY_STANDINS["clip_l"]
+    vision: str = VISION_ENCODER_NAME  # the tiny tower, under the workflows' encoder name
+    vision_hidden_size: int = TINY_VISION_HIDDEN
+    clip_aligner: str = TINY_CLIP_ALIGNER
 
     def install(self, home: ComfyHome) -> None:
         home.add_model("LLM", self.vlm, self.dir / self.vlm)
         home.add_model("thinkdiff", self.aligner, self.dir / self.aligner)
+        home.add_model("clip_vision", self.vision, self.dir / f"{TINY_VISION}.safetensors")
+        home.add_model("thinkdiff", self.clip_aligner, self.dir / self.clip_aligner)
         home.add_model("diffusion_models", self.flux, self.dir / self.flux)
         home.add_model("vae", self.vae, self.dir / self.vae)
         home.add_model("text_encoders", self.clip_l, self.dir / self.clip_l)

@@ -7,12 +7,15 @@ the system Chromium and downloads no browser).
 For every workflows/*.json: the frontend loads it through `window.app.loadGraphData` with no unknown node types and
 no dialog (missing nodes or models); `app.graphToPrompt()` gives exactly the committed API copy in workflows/api/
 (so the positional widgets_values the frontend reads match the inputs the API copy names); POST /prompt with that
-output passes ComfyUI's validation with no node_errors; and a screenshot of the graph goes to docs/images/<name>.png.
+output passes ComfyUI's validation with no node_errors; saving it again keeps every widget value and link (a widget
+fed by a link, as the VLM text into CLIPTextEncodeFlux, stays an input entry with a "widget" key at the same slot);
+and a screenshot of the graph goes to docs/images/<name>.png.
 
 Why validation only: ComfyUI validates a prompt fully before queueing it (node types, links, input types, combo
 values, LoadImage files), so a clean /prompt reply is the strongest check short of running the real models. Combo
 values are checked against the files present, so the test puts an empty placeholder file under every name the
-workflow uses (from each loader's properties.models hints, and a folder with a config.json for the VLM). The queued
+workflow uses (from each loader's properties.models hints, a folder with a config.json for the VLM, and a tiny real
+BLIP-2 vision tower file for the vision loader, which lists only files whose header marks them). The queued
 prompt then cannot run: it fails at its first loader, on an empty file, and the test waits for that and moves on.
 Running the graph on stand-in weights is test_comfyui_server.py's job.
 """
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import make_vision_tower_file
+
 pytestmark = pytest.mark.browser  # skipped by conftest.py unless COMFYUI_PATH, chromium, node and playwright-core exist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +41,8 @@ BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 
 
 def add_placeholders(home, workflow: dict) -> None:
-    """Empty files (and a VLM folder) under every model name the workflow selects, so combo validation passes."""
+    """Empty files (and a VLM folder, a tiny vision tower) under every model name the workflow selects, so combo
+    validation passes."""
     for node in workflow["nodes"]:
         for model in node.get("properties", {}).get("models", []):
             if model["name"] in node.get("widgets_values", []):
@@ -47,6 +53,11 @@ def add_placeholders(home, workflow: dict) -> None:
             folder = home.models / "LLM" / node["widgets_values"][0]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text("{}")
+        if node["type"] == "ThinkDiffVisionLoader":
+            # Listed only if it is a BLIP-2 folder or a file whose header says it is a vision tower: a real tiny one.
+            path = home.models / "clip_vision" / node["widgets_values"][0]
+            if not path.exists():
+                make_vision_tower_file(path)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +137,19 @@ def test_frontend_prompt_passes_validation(server, frontend, path):
     # It cannot run on placeholder files; let it fail at its first loader before the next test.
     entry = server.wait_for_history(reply["prompt_id"], timeout=120)
     assert entry["status"]["status_str"] == "error"
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_frontend_keeps_the_links(frontend, path):
+    """Loading and saving again keeps every link: same ends and slots, and a widget fed by a link (the VLM text into
+    CLIPTextEncodeFlux) stays an input entry with a "widget" key at the slot our file gives it."""
+    workflow = json.loads(path.read_text())
+    entry = frontend["by_name"][path.stem]
+    assert sorted(map(tuple, entry["links"])) == sorted(map(tuple, workflow["links"]))
+    for node in workflow["nodes"]:
+        saved = entry["inputs"][str(node["id"])]
+        for slot, expected in enumerate(node["inputs"]):
+            assert slot < len(saved), f"node {node['id']} ({node['type']}): input {expected['name']} lost"
+            got = saved[slot]
+            assert (got["name"], got["link"]) == (expected["name"], expected["link"]), f"node {node['id']} slot {slot}"
+            assert got["widget"] == expected.get("widget", {}).get("name"), f"node {node['id']} ({node['type']}) {got}"

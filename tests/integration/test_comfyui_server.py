@@ -1,41 +1,72 @@
 """The pack inside a real, headless ComfyUI server (opt-in: set COMFYUI_PATH; see scripts/comfyui_integration.sh).
 
 What runs: `python main.py --cpu` from COMFYUI_PATH with an extra_model_paths.yaml that adds a custom_nodes folder
-holding a symlink to this repository and model folders holding stand-in weights. The tests check that the pack imports
-(no "(IMPORT FAILED)"), that /object_info lists the four ThinkDiff nodes and knows every input the shipped API workflow
-uses, that the shipped workflow (workflows/api/thinkdiff_lvlm_in_context.api.json) runs to a saved image through
-ComfyUI's FLUX sampler, and that a bad aligner gives an execution error naming the cause while the server keeps
-answering.
+holding a symlink to this repository (and one test-only node, below) and model folders holding stand-in weights.
+The tests check that the pack imports (no "(IMPORT FAILED)"), that /object_info lists the six ThinkDiff nodes and
+knows every input the shipped API workflows use, that every shipped workflow (workflows/api/*.api.json) runs to saved
+images through ComfyUI's FLUX sampler, that a bad aligner or a non-T5 text conditioning gives an execution error
+naming the cause while the server keeps answering, and that Cancel (POST /interrupt) stops a VLM generation.
 
 Stand-ins (random weights, built locally and cached; see conftest.py and comfy_standins.py):
 - VLM: the tiny Qwen2-VL of thinkdiff_core.standin (hidden 64) as models/LLM/tiny-qwen2-vl-STANDIN.
-- Aligner: thinkdiff_core.save_aligner(standin.build_aligner(64 -> 4096)). The workflow's official
+- LVLM aligner: thinkdiff_core.save_aligner(standin.build_aligner(64 -> 4096)). The workflow's official
   thinkdiff_lvlm.pth is 3584 -> 4096, so a matching stand-in needs a different file.
+- Vision encoder: a tiny BLIP-2 vision tower (standin.build_blip2_vision, hidden 48) written to a single file by
+  thinkdiff_core.vision.extract_vision_tower, as users make the real one, under the workflows' own encoder name
+  (models/clip_vision/blip2_vision_tower.safetensors). CLIP aligner: variant "clip", 48 -> 4096, its own file name
+  (the official thinkdiff_clip.pth is 1408 -> 4096).
 - FLUX.1-dev: ComfyUI's own Flux class at its hard-coded width (3072, 24 heads, context 4096) with 1 double +
   1 single block, loaded by UNETLoader. FLUX VAE: ComfyUI's own AutoencodingEngine, full size, loaded by VAELoader.
-- Text encoders: ComfyUI builds T5-XXL from a fixed config (4.7 B parameters), too heavy for a CPU test. The
-  DualCLIPLoader -> CLIPTextEncodeFlux("", guidance 3.5) branch only supplies CLIP-L("") pooled and guidance 3.5
-  (its T5 tokens are replaced by the aligned tokens). It becomes CLIPLoader(stand-in CLIP-L, "stable_diffusion") ->
-  CLIPTextEncode("") -> FluxGuidance(3.5): the same CLIP-L code path, the same (1, 768) pooled width and the same
-  guidance, but no T5. (One difference: the SD1 CLIP path returns the projected pooled vector, FLUX's clip_l path
-  the unprojected one; both are 768 wide.) FluxGuidance keeps the id of CLIPTextEncodeFlux, so every link stays.
-The ThinkDiff nodes and the KSampler keep every input of the shipped workflow except the model file names above;
-the KSampler runs 2 steps instead of 28 and the latent is 64x64 instead of 1024x1024.
+- Text encoders: ComfyUI builds T5-XXL from a fixed config (4.7 B parameters), too heavy for a CPU test, and no core
+  node of 0.3.64 gives a 4096-wide text conditioning cheaply. Each DualCLIPLoader becomes CLIPLoader(stand-in
+  CLIP-L, "stable_diffusion") and each CLIPTextEncodeFlux(clip_l, t5xxl, guidance) becomes
+  CLIPTextEncode(clip_l) -> FluxGuidance(guidance): the same CLIP-L code path, the same (1, 768) pooled width and
+  the same guidance, but no T5 (the SD1 CLIP path returns the projected pooled vector, FLUX's clip_l path the
+  unprojected one; both are 768 wide). FluxGuidance keeps the id of CLIPTextEncodeFlux, so every link stays, and a
+  clip_l fed by a link (the three-modes workflow's VLM text) stays a link.
+  * LVLM workflow: that is all; mode "replace" uses only the base's pooled output and guidance.
+  * ThinkDiff-CLIP workflows and the three-modes workflow: "prepend" needs T5-space (4096-wide) text tokens, and
+    rightly refuses the 768-wide CLIP-L states (test_clip_l_conditioning_in_prepend_mode_names_t5 checks that
+    message: wiring an SD1 text encode into the node is a real user mistake). So a test-only node,
+    ThinkDiffTestT5Width (conftest.py), goes between CLIPTextEncode and FluxGuidance: it pads the CLIP-L states
+    with zero features to 4096 and with zero tokens to 256, as ComfyUI's FLUX T5 pads. Everything else runs as
+    shipped: prepend, text_tokens 128 (65 + 128 = 193 tokens for one picture, 258 for two), all three branches
+    of the three-modes workflow with one shared VLM run.
+The ThinkDiff nodes and the KSamplers keep every input of the shipped workflows except the model file names above;
+the KSamplers run 2 steps instead of 28 and the latent is 64x64 instead of 1024x1024.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from .conftest import install_test_nodes
+
 pytestmark = pytest.mark.comfyui  # skipped by conftest.py unless COMFYUI_PATH is set
 
-API_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "thinkdiff_lvlm_in_context.api.json"
-THINKDIFF_NODES = ("ThinkDiffVLMLoader", "ThinkDiffAlignerLoader", "ThinkDiffVLMEncode", "ThinkDiffConditioning")
+API_DIR = Path(__file__).resolve().parents[2] / "workflows" / "api"
+API_WORKFLOWS = sorted(path.name.removesuffix(".api.json") for path in API_DIR.glob("*.api.json"))
+LVLM, CLIP_STYLE, CLIP_COMPOSE, THREE_MODES = (
+    "thinkdiff_lvlm_in_context",
+    "thinkdiff_clip_style",
+    "thinkdiff_clip_compose",
+    "thinkdiff_three_modes",
+)
+THINKDIFF_NODES = (
+    "ThinkDiffVLMLoader",
+    "ThinkDiffAlignerLoader",
+    "ThinkDiffVLMEncode",
+    "ThinkDiffConditioning",
+    "ThinkDiffVisionLoader",
+    "ThinkDiffVisionEncode",
+)
 NOT_AN_ALIGNER = "not-an-aligner-STANDIN.safetensors"
 WRONG_WIDTH_ALIGNER = "aligner-48-dim-STANDIN.safetensors"
 TEST_STEPS, TEST_SIZE = 2, 64
@@ -43,38 +74,61 @@ TEST_STEPS, TEST_SIZE = 2, 64
 FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview"}}
 
 
-def shipped_prompt() -> dict:
-    return json.loads(API_WORKFLOW.read_text())
+def shipped_prompt(name: str = LVLM) -> dict:
+    return json.loads((API_DIR / f"{name}.api.json").read_text())
+
+
+def node_ids(prompt: dict, class_type: str) -> list[str]:
+    return [key for key, node in prompt.items() if node["class_type"] == class_type]
 
 
 def node_id(prompt: dict, class_type: str) -> str:
-    ids = [key for key, node in prompt.items() if node["class_type"] == class_type]
+    ids = node_ids(prompt, class_type)
     assert len(ids) == 1, f"expected one {class_type} in the workflow, found {ids}"
     return ids[0]
 
 
-def standin_prompt(standins, aligner: str | None = None) -> dict:
-    """The shipped API workflow with the stand-in substitutions described in the module docstring."""
-    prompt = copy.deepcopy(shipped_prompt())
-    prompt[node_id(prompt, "ThinkDiffVLMLoader")]["inputs"]["model"] = standins.vlm
-    prompt[node_id(prompt, "ThinkDiffAlignerLoader")]["inputs"]["aligner"] = aligner or standins.aligner
+def standin_prompt(standins, name: str = LVLM, aligner: str | None = None, t5_width: bool | None = None) -> dict:
+    """A shipped API workflow with the stand-in substitutions described in the module docstring.
+
+    t5_width: put ThinkDiffTestT5Width after each CLIP-L encode (default: for every workflow but the LVLM one)."""
+    prompt = copy.deepcopy(shipped_prompt(name))
+    if t5_width is None:
+        t5_width = name != LVLM
+    for key in node_ids(prompt, "ThinkDiffVLMLoader"):
+        prompt[key]["inputs"]["model"] = standins.vlm
+    for key in node_ids(prompt, "ThinkDiffAlignerLoader"):
+        clip_variant = prompt[key]["inputs"]["aligner"] == "thinkdiff_clip.pth"
+        prompt[key]["inputs"]["aligner"] = aligner or (standins.clip_aligner if clip_variant else standins.aligner)
+    for key in node_ids(prompt, "ThinkDiffVisionLoader"):
+        assert prompt[key]["inputs"]["encoder"] == standins.vision  # installed under the workflow's own name
     prompt[node_id(prompt, "UNETLoader")]["inputs"]["unet_name"] = standins.flux
     prompt[node_id(prompt, "VAELoader")]["inputs"]["vae_name"] = standins.vae
-    clip_id, text_id = node_id(prompt, "DualCLIPLoader"), node_id(prompt, "CLIPTextEncodeFlux")
-    text_inputs = prompt[text_id]["inputs"]
+    clip_id = node_id(prompt, "DualCLIPLoader")
     prompt[clip_id] = {
         "class_type": "CLIPLoader",
         "inputs": {"clip_name": standins.clip_l, "type": "stable_diffusion", "device": "default"},
     }
-    prompt["clip_l_encode"] = {
-        "class_type": "CLIPTextEncode",
-        "inputs": {"text": text_inputs["clip_l"], "clip": [clip_id, 0]},
-    }
-    prompt[text_id] = {
-        "class_type": "FluxGuidance",
-        "inputs": {"conditioning": ["clip_l_encode", 0], "guidance": text_inputs["guidance"]},
-    }
-    prompt[node_id(prompt, "KSampler")]["inputs"]["steps"] = TEST_STEPS
+    for text_id in node_ids(prompt, "CLIPTextEncodeFlux"):
+        text_inputs = prompt[text_id]["inputs"]
+        assert text_inputs["clip"] == [clip_id, 0]
+        prompt[f"{text_id}_clip_l"] = {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": text_inputs["clip_l"], "clip": [clip_id, 0]},
+        }
+        encoded = f"{text_id}_clip_l"
+        if t5_width:
+            prompt[f"{text_id}_t5_width"] = {
+                "class_type": "ThinkDiffTestT5Width",
+                "inputs": {"conditioning": [encoded, 0]},
+            }
+            encoded = f"{text_id}_t5_width"
+        prompt[text_id] = {
+            "class_type": "FluxGuidance",
+            "inputs": {"conditioning": [encoded, 0], "guidance": text_inputs["guidance"]},
+        }
+    for key in node_ids(prompt, "KSampler"):
+        prompt[key]["inputs"]["steps"] = TEST_STEPS
     latent = prompt[node_id(prompt, "EmptySD3LatentImage")]["inputs"]
     latent["width"] = latent["height"] = TEST_SIZE
     return prompt
@@ -89,11 +143,18 @@ def server(standins, new_comfy_home, start_comfyui):
 
     home = new_comfy_home()
     standins.install(home)
+    install_test_nodes(home)
     save_file({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(home.models / "thinkdiff" / NOT_AN_ALIGNER))
     save_aligner(standin.build_aligner(input_dim=48, output_dim=4096), home.models / "thinkdiff" / WRONG_WIDTH_ALIGNER)
     empty_frontend = home.root / "frontend-empty"  # no frontend package needed for the API
     empty_frontend.mkdir()
     return start_comfyui(home, front_end_root=empty_frontend)
+
+
+def run_prompt(server, prompt: dict, timeout: float = 300.0) -> dict:
+    status, reply = server.queue(prompt)
+    assert status == 200 and not reply.get("node_errors"), f"queueing failed ({status}): {reply}\n{server.log_tail()}"
+    return server.wait_for_history(reply["prompt_id"], timeout=timeout)
 
 
 def test_pack_imports_and_registers_its_nodes(server, standins):
@@ -103,15 +164,20 @@ def test_pack_imports_and_registers_its_nodes(server, standins):
     for name in THINKDIFF_NODES:
         assert name in object_info, f"{name} missing from /object_info"
         assert object_info[name]["category"] == "ThinkDiff"
+    assert "ThinkDiffTestT5Width" in object_info, f"the test-only node did not load:\n{server.log_tail()}"
     assert standins.vlm in object_info["ThinkDiffVLMLoader"]["input"]["required"]["model"][0]
-    assert standins.aligner in object_info["ThinkDiffAlignerLoader"]["input"]["required"]["aligner"][0]
+    aligners = object_info["ThinkDiffAlignerLoader"]["input"]["required"]["aligner"][0]
+    assert standins.aligner in aligners and standins.clip_aligner in aligners
+    assert standins.vision in object_info["ThinkDiffVisionLoader"]["input"]["required"]["encoder"][0]
     assert object_info["ThinkDiffVLMEncode"]["output"] == ["THINKDIFF_FEATURES", "STRING"]
+    assert object_info["ThinkDiffVisionEncode"]["output"] == ["THINKDIFF_FEATURES"]
 
 
-def test_shipped_api_workflow_uses_known_nodes_and_inputs(server):
-    """Every class and input of the shipped API workflow exists in this ComfyUI (catches drift and renames)."""
+@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_shipped_api_workflow_uses_known_nodes_and_inputs(server, name):
+    """Every class and input of a shipped API workflow exists in this ComfyUI (catches drift and renames)."""
     object_info = server.get("/object_info")
-    for key, node in shipped_prompt().items():
+    for key, node in shipped_prompt(name).items():
         info = object_info.get(node["class_type"])
         assert info is not None, f"node {key}: unknown class {node['class_type']}"
         known = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
@@ -121,20 +187,20 @@ def test_shipped_api_workflow_uses_known_nodes_and_inputs(server):
         assert not missing, f"node {key} ({node['class_type']}): required inputs not set: {missing}"
 
 
-def test_standin_substitutions_keep_the_thinkdiff_subgraph_and_sampler(standins):
-    shipped, test_copy = shipped_prompt(), standin_prompt(standins)
+@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_standin_substitutions_keep_the_thinkdiff_subgraph_and_sampler(standins, name):
+    shipped, test_copy = shipped_prompt(name), standin_prompt(standins, name)
     allowed = {"ThinkDiffVLMLoader": {"model"}, "ThinkDiffAlignerLoader": {"aligner"}, "KSampler": {"steps"}}
     for key, node in shipped.items():
-        if node["class_type"] in (*THINKDIFF_NODES, "KSampler"):
+        if node["class_type"] in (*THINKDIFF_NODES, "KSampler", "SaveImage", "VAEDecode", "PreviewAny"):
+            assert test_copy[key]["class_type"] == node["class_type"]
             changed = {name for name, value in node["inputs"].items() if test_copy[key]["inputs"][name] != value}
             assert changed <= allowed.get(node["class_type"], set()), f"{node['class_type']} changed: {changed}"
 
 
 def test_standin_workflow_runs_through_flux_sampler(server, standins):
     started = time.perf_counter()
-    status, reply = server.queue(standin_prompt(standins))
-    assert status == 200 and not reply.get("node_errors"), f"queueing failed ({status}): {reply}\n{server.log_tail()}"
-    entry = server.wait_for_history(reply["prompt_id"])
+    entry = run_prompt(server, standin_prompt(standins))
     elapsed = time.perf_counter() - started
     assert entry["status"]["status_str"] == "success", f"{server.execution_error(entry)}\n{server.log_tail()}"
     prompt = shipped_prompt()
@@ -147,6 +213,40 @@ def test_standin_workflow_runs_through_flux_sampler(server, standins):
     print(
         f"[comfyui] stand-in workflow: success in {elapsed:.1f} s (VLM 128 tokens, FLUX {TEST_STEPS} steps at {TEST_SIZE}px)"
     )
+
+
+@pytest.mark.parametrize("name", [CLIP_STYLE, CLIP_COMPOSE, THREE_MODES])
+def test_new_workflows_run_through_flux_sampler(server, standins, name):
+    """ThinkDiff-CLIP (one and two pictures, prepend, text_tokens 128) and the three-modes workflow (all three
+    branches from one VLM run, the VLM's text wired into the text encoder) end in saved images."""
+    started = time.perf_counter()
+    entry = run_prompt(server, standin_prompt(standins, name))
+    elapsed = time.perf_counter() - started
+    assert entry["status"]["status_str"] == "success", f"{server.execution_error(entry)}\n{server.log_tail()}"
+    prompt = shipped_prompt(name)
+    saves = node_ids(prompt, "SaveImage")
+    assert len(saves) == (3 if name == THREE_MODES else 1)
+    for key in saves:
+        images = entry["outputs"][key]["images"]
+        assert len(images) == 1 and (server.home.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        assert images[0]["filename"].startswith(prompt[key]["inputs"]["filename_prefix"])
+    if name == THREE_MODES:
+        vlm_text = entry["outputs"][node_id(prompt, "ThinkDiffVLMEncode")]["text"][0]
+        assert entry["outputs"][node_id(prompt, "PreviewAny")]["text"] == [vlm_text]
+    print(
+        f"[comfyui] {name}: success in {elapsed:.1f} s ({len(saves)} image(s), FLUX {TEST_STEPS} steps at {TEST_SIZE}px)"
+    )
+
+
+def test_clip_l_conditioning_in_prepend_mode_names_t5(server, standins):
+    """A 768-wide text conditioning (an SD1 CLIP text encode wired into the node) cannot take prepended tokens."""
+    entry = run_prompt(server, standin_prompt(standins, CLIP_STYLE, t5_width=False))
+    assert entry["status"]["status_str"] == "error"
+    error = server.execution_error(entry)
+    assert error is not None and error["node_type"] == "ThinkDiffConditioning", error
+    for fragment in ("cannot prepend 4096-wide aligned tokens to a 768-wide conditioning", "T5-XXL"):
+        assert fragment in error["exception_message"], error["exception_message"]
+    assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
 
 
 @pytest.mark.parametrize(
@@ -174,3 +274,86 @@ def test_bad_aligner_gives_an_error_naming_the_cause(server, standins, aligner, 
     assert server.get("/system_stats")["system"]["comfyui_version"]
     assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
     assert "ThinkDiffConditioning" in server.get("/object_info/ThinkDiffConditioning")
+
+
+CANCEL_TOKENS = 1024  # the node's maximum: long enough on the tiny VLM to interrupt mid-generation
+
+
+def test_cancel_stops_vlm_generation(server, standins):
+    """Cancel (POST /interrupt, what the UI's Cancel button sends) while ThinkDiffVLMEncode generates: the node stops
+    within a few tokens' time (the per-token progress callback is a cancel point), /history shows the prompt
+    interrupted at that node, and the server keeps answering with an empty queue."""
+    aiohttp = pytest.importorskip("aiohttp")  # one of ComfyUI's own requirements
+    shipped = shipped_prompt()
+    encode_id = node_id(shipped, "ThinkDiffVLMEncode")
+    encode = copy.deepcopy(shipped[encode_id])
+    encode["inputs"].update(num_tokens=CANCEL_TOKENS, vlm=["loader", 0], seed=1234)
+    prompt = {
+        "loader": {
+            "class_type": "ThinkDiffVLMLoader",
+            "inputs": {**shipped[node_id(shipped, "ThinkDiffVLMLoader")]["inputs"], "model": standins.vlm},
+        },
+        **{
+            shipped[encode_id]["inputs"][key][0]: shipped[shipped[encode_id]["inputs"][key][0]]
+            for key in ("image_1", "image_2")
+        },
+        encode_id: encode,
+        "preview": {"class_type": "PreviewAny", "inputs": {"source": [encode_id, 1]}},
+    }
+    client_id = uuid.uuid4().hex
+
+    async def run() -> dict:
+        seen: dict = {"progress": 0, "executing": False}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", heartbeat=30) as ws:
+                async with session.post(
+                    f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}
+                ) as response:
+                    reply = await response.json()
+                    assert response.status == 200 and not reply.get("node_errors"), reply
+                prompt_id = reply["prompt_id"]
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    message = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue  # binary preview frames
+                    event = json.loads(message.data)
+                    data = event.get("data", {})
+                    if data.get("prompt_id") not in (None, prompt_id):
+                        continue
+                    if event["type"] == "executing" and data.get("node") == encode_id:
+                        seen["executing"] = True
+                    elif event["type"] == "progress" and data.get("node") == encode_id:
+                        seen["progress"] = data["value"]
+                        if data["value"] >= 8 and "interrupted_at" not in seen:
+                            async with session.post(
+                                f"{server.url}/interrupt", json={"prompt_id": prompt_id}
+                            ) as response:
+                                assert response.status == 200
+                            seen["interrupted_at"] = time.monotonic()
+                            seen["progress_at_interrupt"] = data["value"]
+                    elif event["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                        seen["end"] = event["type"]
+                        seen["end_data"] = data
+                        seen["ended_at"] = time.monotonic()
+                        break
+                seen["prompt_id"] = prompt_id
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen["executing"], seen
+    assert "interrupted_at" in seen, f"never saw the VLM's progress: {seen}\n{server.log_tail()}"
+    assert seen.get("end") == "execution_interrupted", f"{seen}\n{server.log_tail()}"
+    assert seen["end_data"]["node_id"] == encode_id and seen["end_data"]["node_type"] == "ThinkDiffVLMEncode"
+    stop_seconds = seen["ended_at"] - seen["interrupted_at"]
+    assert seen["progress"] < CANCEL_TOKENS, seen  # it stopped before the last token
+    assert stop_seconds < 10, f"took {stop_seconds:.1f} s to stop"
+    entry = server.wait_for_history(seen["prompt_id"], timeout=30)
+    assert entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+    assert server.get("/system_stats")["system"]["comfyui_version"]
+    assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
+    print(
+        f"[comfyui] cancel: interrupted at token {seen['progress_at_interrupt']}/{CANCEL_TOKENS}, last progress "
+        f"{seen['progress']}, stopped {stop_seconds:.2f} s after POST /interrupt"
+    )

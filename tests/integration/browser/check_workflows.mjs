@@ -39,7 +39,14 @@ try {
       const prompt = await window.app.graphToPrompt();
       // What the frontend would save again: positional widgets_values per node id.
       const widgets = Object.fromEntries(prompt.workflow.nodes.map((node) => [node.id, node.widgets_values ?? []]));
-      return { missing_node_types: missing, node_count: window.app.graph.nodes.length, output: prompt.output, widgets_values: widgets };
+      // ... and its links and input slots (a widget fed by a link is an input entry with a "widget" key).
+      const inputs = Object.fromEntries(prompt.workflow.nodes.map((node) => [
+        node.id, (node.inputs ?? []).map((input) => ({ name: input.name, type: input.type, widget: input.widget?.name ?? null, link: input.link ?? null })),
+      ]));
+      return {
+        missing_node_types: missing, node_count: window.app.graph.nodes.length, output: prompt.output,
+        widgets_values: widgets, links: prompt.workflow.links, inputs,
+      };
     }, { data, name: workflow.name });
     report.name = workflow.name;
     await page.waitForTimeout(500); // dialogs open asynchronously after loading
