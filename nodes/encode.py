@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.vlm import LAYOUTS, chat_messages, layout_content, pil_images_from_tensor
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from thinkdiff_core import AlignerSpec, ThinkDiffAligner, VlmFeatures, align_features, build_flux_conditioning, to_diffusers_embeds
+from thinkdiff_core import (
+    AlignerSpec,
+    ThinkDiffAligner,
+    VlmFeatures,
+    align_features,
+    build_flux_conditioning,
+    to_diffusers_embeds,
+)
 from thinkdiff_core.errors import AlignerMismatchError, FeatureError
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_adapter
-from thinkdiff_core import save_aligner, standin
+from thinkdiff_core import standin
 from thinkdiff_core.errors import AlignerMismatchError, CheckpointError, ModelFolderError, PromptError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,16 @@ import torch
 from PIL import Image
 
 from nodes import NODE_CLASS_MAPPINGS
-from thinkdiff_core import GenerationSettings, encode_with_vlm, standin
+from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.errors import ModelFolderError, PromptError
-from thinkdiff_core.vlm import VlmOutOfMemoryError, chat_messages, final_norm, fit_pixel_budget, interleaved_content, load_vlm
+from thinkdiff_core.vlm import (
+    VlmOutOfMemoryError,
+    chat_messages,
+    final_norm,
+    fit_pixel_budget,
+    interleaved_content,
+    load_vlm,
+)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
