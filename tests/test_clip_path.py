@@ -1,8 +1,6 @@
 """ThinkDiff-CLIP through the node classes: BLIP-2 tower (folder or extracted file), 65 tokens per image,
 composition with text in the recipe's order, and the refusals."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +62,13 @@ def test_extracted_file_equals_the_full_folder(clip_models):
     assert "query_tokens" not in keys and keys == set(load_vision_encoder(clip_models / "clip_vision" / "blip2-tiny").state_dict())
 
 
-def test_extract_vision_command(clip_models, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "thinkdiff_core", "extract-vision", str(clip_models / "clip_vision" / "blip2-tiny"), str(tmp_path / "t.safetensors")],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert is_vision_tower_file(tmp_path / "t.safetensors") and "wrote" in result.stdout
+def test_extract_vision_command(clip_models, tmp_path, capsys):
+    from thinkdiff_core.__main__ import main
+
+    assert main(["extract-vision", str(clip_models / "clip_vision" / "blip2-tiny"), str(tmp_path / "t.safetensors")]) == 0
+    assert is_vision_tower_file(tmp_path / "t.safetensors") and "wrote" in capsys.readouterr().out
+    assert main(["extract-vision", str(tmp_path / "nothing"), str(tmp_path / "u.safetensors")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_images_in_order_and_token_grids(clip_models):

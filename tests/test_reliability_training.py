@@ -1,6 +1,8 @@
 """Training and feature extraction under real faults: SIGKILL at random points, and a write that really fails.
 
-Each run is a real process (`python train/...`), killed with SIGKILL (no chance to clean up) while it works.
+Each killed run is a real process (`python train/...`), killed with SIGKILL (no chance to clean up) while it works;
+reference and finishing runs go through the same scripts' main() in-process (imports are paid once). Processes keep
+the default thread count, so in-process and subprocess runs compute alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
+from train import extract_features, train_aligner
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train" / "train_aligner.py")
 EXTRACT = str(ROOT / "train" / "extract_features.py")
@@ -28,7 +32,7 @@ SEED = int(os.environ.get("THINKDIFF_FAULT_SEED", "20261127"))  # kill points ar
 
 
 def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -68,8 +72,7 @@ def checkpoints_are_whole(checkpoint_dir: Path) -> list[int]:
 def test_training_killed_three_times_resumes_to_the_same_curve(tiny_train_data, tiny_features, tmp_path):
     settings = ["--config", "train/configs/tiny.yaml", "--max-steps", "16", *tiny_overrides(tiny_train_data, checkpoint_every=3, eval_every=8)]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = run(TRAIN, [*settings, "--output-dir", str(reference)])
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_aligner.main([*settings, "--output-dir", str(reference)])
 
     rng = random.Random(SEED)
     kill_steps = [rng.randint(2, 5)]
@@ -80,8 +83,7 @@ def test_training_killed_three_times_resumes_to_the_same_curve(tiny_train_data, 
         resume = ["--resume"] if checkpoints_are_whole(killed / "checkpoints") else []
         kill_when(TRAIN, [*settings, "--output-dir", str(killed), *resume], lambda: len(metrics(killed)) >= kill_step)
         checkpoints_are_whole(killed / "checkpoints")
-    finished = run(TRAIN, [*settings, "--output-dir", str(killed), "--resume"])
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    train_aligner.main([*settings, "--output-dir", str(killed), "--resume"])
 
     want, got = metrics(reference), metrics(killed)
     assert [row["step"] for row in got] == list(range(1, 17)), f"kill points {kill_steps}"
@@ -98,8 +100,7 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def test_a_failed_checkpoint_save_keeps_the_previous_one_and_says_why(tiny_train_data, tiny_features, tmp_path):
     settings = ["--config", "train/configs/tiny.yaml", "--output-dir", str(tmp_path), *tiny_overrides(tiny_train_data, checkpoint_every=4, report_to="none")]
-    first = run(TRAIN, [*settings, "--max-steps", "4"])
-    assert first.returncode == 0, first.stderr[-3000:]
+    train_aligner.main([*settings, "--max-steps", "4"])
     (step, ) = checkpoints_are_whole(tmp_path / "checkpoints")
     previous = next((tmp_path / "checkpoints").glob("checkpoint-*"))
     before = file_digests(previous)
@@ -118,8 +119,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one_and_says_why(tiny_train
     assert checkpoints_are_whole(tmp_path / "checkpoints") == [4] and file_digests(previous) == before
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
-    again = run(TRAIN, [*settings, "--max-steps", "8", "--resume"])  # space is back: it continues from step 4
-    assert again.returncode == 0, again.stderr[-3000:]
+    train_aligner.main([*settings, "--max-steps", "8", "--resume"])  # space is back: it continues from step 4
     assert checkpoints_are_whole(tmp_path / "checkpoints") == [4, 8]
 
 
@@ -134,14 +134,12 @@ def read_shards(directory: Path) -> dict:
 def test_extraction_killed_mid_shard_resumes_without_duplicates_or_gaps(tiny_train_data, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     settings = ["--config", "train/configs/tiny.yaml", "--max-shards", "2", *tiny_overrides(tiny_train_data)]
-    done = run(EXTRACT, [*settings, "--features-dir", str(reference)])
-    assert done.returncode == 0, done.stderr[-3000:]
+    extract_features.main([*settings, "--features-dir", str(reference)])
     # SIGKILL while the second shard is being generated: the first is finished, the second is not
     kill_when(EXTRACT, [*settings, "--features-dir", str(killed)], lambda: (killed / "shard-000000.json").is_file())
     assert not (killed / "shard-000001.json").exists()
     finished_first = (killed / "shard-000000.safetensors").stat().st_mtime_ns
-    resumed = run(EXTRACT, [*settings, "--features-dir", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    extract_features.main([*settings, "--features-dir", str(killed)])
     assert (killed / "shard-000000.safetensors").stat().st_mtime_ns == finished_first  # finished shards are skipped
 
     want, got = read_shards(reference), read_shards(killed)

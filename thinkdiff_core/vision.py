@@ -159,6 +159,11 @@ def extract_vision_tower(source: str | Path, destination: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    if not (Path(source) / "config.json").is_file():
+        raise ModelFolderError(
+            f"'{source}' has no config.json: point extract-vision at a local BLIP-2 folder (a download of "
+            f"Salesforce/blip2-flan-t5-xxl with its *.safetensors files)."
+        )
     stored = {"F32": torch.float32, "F16": torch.float16}.get(_stored_dtype(Path(source)), torch.bfloat16)
     model = load_vision_encoder(source, dtype=stored)
     destination = Path(destination)
