@@ -12,6 +12,12 @@ from . import comfy_adapter as adapter
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The loader widgets' device and dtype; "auto" dtype is bfloat16 where supported."""
+    load_device = adapter.compute_device(device)
+    return load_device, DTYPES[dtype] or adapter.default_dtype(load_device)
+
+
 class ThinkDiffVLMLoader:
     DESCRIPTION = (
         "Loads the reasoning vision-language model (Qwen2-VL-7B-Instruct in the paper) from a Hugging Face folder "
@@ -35,8 +41,7 @@ class ThinkDiffVLMLoader:
         }
 
     def load(self, model, dtype, device, attention, trust_remote_code):
-        load_device = adapter.compute_device(device)
-        torch_dtype = DTYPES[dtype] or adapter.default_dtype(load_device)
+        load_device, torch_dtype = device_and_dtype(device, dtype)
         bundle = load_vlm(
             adapter.vlm_path(model),
             dtype=torch_dtype,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from thinkdiff_core.vision import TOKEN_GRIDS, encode_vision_features, load_vision_encoder
 
 from . import comfy_adapter as adapter
-from .loaders import DTYPES
+from .loaders import DTYPES, device_and_dtype
 
 MAX_IMAGES = 4
 
@@ -32,8 +32,7 @@ class ThinkDiffVisionLoader:
         }
 
     def load(self, encoder, dtype, device):
-        load_device = adapter.compute_device(device)
-        torch_dtype = DTYPES[dtype] or adapter.default_dtype(load_device)
+        load_device, torch_dtype = device_and_dtype(device, dtype)
         module = load_vision_encoder(adapter.vision_encoder_path(encoder), dtype=torch_dtype, device=adapter.offload_device())
         return (adapter.manage(module, module, load_device),)
 

@@ -466,14 +466,14 @@ def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> 
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     if on_token is not None:
-        kwargs["stopping_criteria"] = transformers.StoppingCriteriaList([_TokenCallback(on_token, transformers)])
+        kwargs["stopping_criteria"] = transformers.StoppingCriteriaList([_TokenCallback(on_token)])
     return kwargs
 
 
 class _TokenCallback:
     """A stopping criterion that never stops by itself: it reports each token, and its callback may raise."""
 
-    def __init__(self, on_token: Callable[[int], None], transformers) -> None:
+    def __init__(self, on_token: Callable[[int], None]) -> None:
         self.on_token = on_token
         self.count = 0
 
