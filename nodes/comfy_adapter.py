@@ -141,11 +141,15 @@ def _resolve(keys: tuple[str, ...], name: str, kind: str) -> Path:
 
 
 def compute_device(requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
+    """The device for "auto", "cuda" or "cpu", always with an index for cuda: ComfyUI compares devices with ==, and
+    torch.device("cuda") != torch.device("cuda", 0), so an unindexed device would never evict FLUX."""
+    if requested == "cpu":
+        return torch.device("cpu")
     if IN_COMFYUI:
         return model_management.get_torch_device()
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def offload_device() -> torch.device:

@@ -47,7 +47,13 @@ class ThinkDiffVLMEncode:
         settings = GenerationSettings(num_tokens=num_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
         adapter.load_to_device(vlm)
         try:
-            features = encode_with_vlm(vlm.model, messages, settings, on_token=adapter.token_progress(num_tokens)).to("cpu")
+            features = encode_with_vlm(
+                vlm.model,
+                messages,
+                settings,
+                on_token=adapter.token_progress(num_tokens),
+                add_vision_id=layout == "in-context words",  # "Picture k:" labels as in the official CoBSAT prompt
+            ).to("cpu")
         finally:
             if not keep_model_loaded:
                 adapter.release(vlm)

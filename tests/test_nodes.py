@@ -83,6 +83,16 @@ def test_graph_through_the_node_classes(graph):
     torch.testing.assert_close(cond, aligner(features.hidden_states), atol=1e-5, rtol=1e-5)
 
 
+def test_picture_labels_follow_the_layout(graph):
+    """The official CoBSAT prompt labels pictures ("Picture k: "); the single-image recipe does not."""
+    vlm, _, images = graph
+    tokenizer = vlm.model.processor.tokenizer
+    in_context = encode(vlm, images)["result"][0]
+    free = encode(vlm, {"image_1": images["image_1"]}, prompt="describe <image>", layout="free text")["result"][0]
+    assert "Picture 1: " in tokenizer.decode(in_context.prompt_ids[0])
+    assert "Picture" not in tokenizer.decode(free.prompt_ids[0])
+
+
 def test_image_batch_counts_as_several_images(graph):
     vlm, _, images = graph
     batch = {"image_1": torch.cat([images["image_1"], images["image_2"]])}

@@ -127,6 +127,9 @@ def test_out_of_memory_says_what_to_change(tiny_vlm, shape_images):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     messages = chat_messages(interleaved_content("<image>", shape_images[:1]))
+    with pytest.raises(torch.OutOfMemoryError) as caught:  # still an OOM, so ComfyUI unloads its models after it
+        encode_with_vlm(tiny_vlm, messages, GenerationSettings(num_tokens=5, greedy=True), on_token=out_of_memory)
+    assert isinstance(caught.value, VlmOutOfMemoryError)
     with pytest.raises(VlmOutOfMemoryError, match=r"out of memory while the VLM read \d+ prompt tokens \(1 image\(s\)\).*Use fewer or smaller images"):
         encode_with_vlm(tiny_vlm, messages, GenerationSettings(num_tokens=5, greedy=True), on_token=out_of_memory)
     assert not final_norm(tiny_vlm.model)._forward_hooks  # the capture hook is gone after the failure

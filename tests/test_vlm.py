@@ -162,3 +162,23 @@ def test_load_vlm_errors_name_the_fix(tmp_path, tiny_qwen2vl_dir):
 def test_unknown_attention_backend_falls_back(tiny_qwen2vl_dir):
     vlm = load_vlm(tiny_qwen2vl_dir, dtype=torch.float32, attn_implementation="flash_attention_2")
     assert vlm.model.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_model_generation_config_cannot_add_a_repetition_penalty(tiny_vlm, cobsat_messages):
+    """Qwen2-VL's generation_config.json asks for repetition_penalty 1.05; the official vLLM sampling uses none."""
+    plain = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=12, greedy=True))
+    config = tiny_vlm.model.generation_config
+    config.repetition_penalty = 50.0  # huge, so that applying it would surely change the greedy tokens
+    try:
+        penalised = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=12, greedy=True))
+    finally:
+        config.repetition_penalty = 1.0
+    assert torch.equal(plain.generated_ids, penalised.generated_ids)
+
+
+def test_picture_labels_only_when_asked(tiny_vlm, cobsat_messages):
+    tokenizer = tiny_vlm.processor.tokenizer
+    labelled = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=1, greedy=True), add_vision_id=True)
+    plain = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=1, greedy=True))
+    assert "Picture 2: " in tokenizer.decode(labelled.prompt_ids[0])
+    assert "Picture" not in tokenizer.decode(plain.prompt_ids[0])

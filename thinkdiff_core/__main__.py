@@ -159,6 +159,7 @@ def run_generate(args: argparse.Namespace) -> None:
         width=args.size,
         height=args.size,
         seed=args.seed,
+        add_vision_id=layout == "in-context words",
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(args.output)

@@ -68,9 +68,10 @@ def align_features(
     parameter = next(aligner.parameters())
     home = parameter.device
     device = home if device is None else torch.device(device)
+    aligner.to(device)  # outside inference_mode: the parameters must stay ordinary tensors
     try:
         with torch.inference_mode():
-            aligned = aligner.to(device)(features.hidden_states.to(device=device, dtype=parameter.dtype))
+            aligned = aligner(features.hidden_states.to(device=device, dtype=parameter.dtype))
     finally:
         aligner.to(home)
     aligned = aligned.float().cpu() * strength

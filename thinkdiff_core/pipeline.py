@@ -245,14 +245,18 @@ def generate(
     width: int = 1024,
     height: int = 1024,
     seed: int = 42,
+    add_vision_id: bool = False,
 ) -> GenerationResult:
-    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.vlm.layout_content or cobsat_content)."""
+    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.vlm.layout_content or cobsat_content).
+
+    add_vision_id: "Picture k:" labels, for the in-context (CoBSAT) layout only (recipe section 6).
+    """
     check_mode(mode)
     if mode != "text" and models.aligner is None:
         raise ModelFolderError(f"mode '{mode}' needs an aligner: pass --aligner (e.g. thinkdiff_lvlm.pth).")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    features = encode_with_vlm(models.vlm, chat_messages(content), vlm_settings(mode, settings))
+    features = encode_with_vlm(models.vlm, chat_messages(content), vlm_settings(mode, settings), add_vision_id=add_vision_id)
     timings["vlm"] = time.perf_counter() - started
     aligned = None
     if mode != "text":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ModelFolderError, PromptError
-from .vlm import _transformers_at_least, import_transformers, pil_images_from_tensor
+from .vlm import dtype_kwargs, import_transformers, pil_images_from_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,13 @@ def load_vision_encoder(
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type == "blip_2_vision_model":
-        dtype_argument = "dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype"
-        model = transformers.Blip2VisionModel.from_pretrained(path, local_files_only=True, **{dtype_argument: dtype})
+        model = transformers.Blip2VisionModel.from_pretrained(path, local_files_only=True, **dtype_kwargs(dtype))
     elif model_type == "blip-2":
         vision_config = transformers.Blip2VisionConfig(**config.get("vision_config", {}))
-        model = transformers.Blip2VisionModel(vision_config)
         state = _read_prefixed_weights(path, VISION_PREFIX)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        with torch.device("meta"):  # no random init of ~1 B parameters that are overwritten right away
+            model = transformers.Blip2VisionModel(vision_config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing:
             raise ModelFolderError(
                 f"'{path.name}' lacks vision tower weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: the "
@@ -154,7 +154,7 @@ def load_vision_encoder(
 def extract_vision_tower(source: str | Path, destination: str | Path) -> Path:
     """Write just the vision tower of a BLIP-2 folder as one safetensors file, its config in the header.
 
-    The full Salesforce/blip2-flan-t5-xxl checkpoint is about 16 B parameters, nearly all of them the flan-T5 that
+    The full Salesforce/blip2-flan-t5-xxl checkpoint is about 12 B parameters, nearly all of them the flan-T5 that
     ThinkDiff-CLIP never uses; the tower alone is about 1 B (2 GB in bf16). Weights keep their stored dtype.
     """
     from safetensors.torch import save_file
@@ -207,8 +207,9 @@ def _load_vision_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
             f"'python -m thinkdiff_core extract-vision'. Choose a BLIP-2 folder or an extracted file."
         )
     config = transformers.Blip2VisionConfig(**json.loads(metadata[VISION_CONFIG_KEY]))
-    model = transformers.Blip2VisionModel(config)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        model = transformers.Blip2VisionModel(config)
+    model.load_state_dict(state, strict=True, assign=True)
     model.thinkdiff_source = metadata.get("thinkdiff.source_model", path.stem)
     return model.to(dtype)
 

@@ -125,8 +125,11 @@ class VlmBundle:
         return final_norm(self.model).weight.shape[0]
 
 
-class VlmOutOfMemoryError(ThinkDiffError):
-    """The VLM ran out of GPU (or CPU) memory; the message says what to change."""
+class VlmOutOfMemoryError(ThinkDiffError, _OUT_OF_MEMORY):
+    """The VLM ran out of GPU (or CPU) memory; the message says what to change.
+
+    Also a torch OutOfMemoryError, so ComfyUI's executor still unloads its models after it, as for any OOM.
+    """
 
 
 # --- prompt layout -----------------------------------------------------------------------------------------------
@@ -234,7 +237,6 @@ def load_vlm(
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model_class = _model_class(transformers, config.model_type)
     backends = ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :] if attn_implementation in ATTENTION_BACKENDS else (attn_implementation, "sdpa", "eager")
-    dtype_argument = "dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype"
     last_error: Exception | None = None
     for backend in dict.fromkeys(backends):
         try:
@@ -243,7 +245,7 @@ def load_vlm(
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 attn_implementation=backend,
-                **{dtype_argument: dtype},
+                **dtype_kwargs(dtype),
             )
             break
         except (ImportError, ValueError) as error:
@@ -300,6 +302,12 @@ def import_transformers():
     return transformers
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword for the weights' dtype: `dtype` from transformers 4.56, `torch_dtype` before."""
+    transformers = import_transformers()
+    return {"dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype": dtype}
+
+
 def _transformers_at_least(transformers, version: str) -> bool:
     from packaging.version import Version
 
@@ -342,12 +350,18 @@ def final_norm(model) -> torch.nn.Module:
 # --- encoding ----------------------------------------------------------------------------------------------------
 
 
-def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]]) -> dict:
-    """Chat template + processor for a batch of conversations; images are fitted to the pixel budget."""
+def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_vision_id: bool = False) -> dict:
+    """Chat template + processor for a batch of conversations; images are fitted to the pixel budget.
+
+    add_vision_id renders "Picture k: " before each image: the official CoBSAT inference does, the single-image
+    inference and the training precompute do not (recipe section 6).
+    """
     texts, images = [], []
     for messages in conversations:
         texts.append(
-            vlm.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=True)
+            vlm.processor.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id
+            )
         )
         for message in messages:
             for part in message["content"]:
@@ -365,17 +379,19 @@ def encode_with_vlm(
     settings: GenerationSettings = GenerationSettings(),
     on_token: Callable[[int], None] | None = None,
     keep_prompt_states: bool = False,
+    add_vision_id: bool = False,
 ) -> VlmFeatures:
     """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
 
     conversations: one chat (a list of messages) or a batch of them.
     on_token(n): called after each generated token with the count so far; raising from it stops generation
         (ComfyUI's progress bar does this on Cancel).
+    add_vision_id: "Picture k: " labels, for the in-context (CoBSAT) layout; see prepare_inputs.
     """
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
     model = vlm.model
-    inputs = prepare_inputs(vlm, conversations)
+    inputs = prepare_inputs(vlm, conversations, add_vision_id=add_vision_id)
     device = next(model.parameters()).device
     inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
     if "pixel_values" in inputs:
@@ -401,6 +417,7 @@ def encode_with_vlm(
             with torch.inference_mode():
                 output_ids = model.generate(**inputs, **_generate_kwargs(vlm, settings, on_token))
     except _OUT_OF_MEMORY as error:
+        captured.clear()  # let the states go before the caller frees memory
         images = int(inputs["image_grid_thw"].shape[0]) if "image_grid_thw" in inputs else 0
         raise VlmOutOfMemoryError(
             f"out of memory while the VLM read {prompt_ids.shape[1]} prompt tokens ({images} image(s)) and generated "
@@ -455,6 +472,9 @@ def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> 
         "min_new_tokens": 1 if settings.stop_at_eos else settings.num_tokens,
         "eos_token_id": eos_ids or None,
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
+        # vLLM applies no repetition penalty; Qwen2-VL's generation_config.json asks for 1.05, and generate() would
+        # fill it in from there (recipe section 5: only SamplingParams count).
+        "repetition_penalty": 1.0,
     }
     # Vision placeholders are never a valid answer; a real VLM gives them ~0 probability, tiny random ones do not,
     # and a generated <|image_pad|> would break any later forward pass over the sequence.

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, init_norm_from_t5, save_aligner  # noqa: E402
 from thinkdiff_core.errors import FeatureError, ModelFolderError, ThinkDiffError  # noqa: E402
 from thinkdiff_core.vision import encode_images, load_vision_encoder, preprocess_images  # noqa: E402
+from thinkdiff_core.vlm import dtype_kwargs  # noqa: E402
 from train.config import Config, ConfigError, as_flat_dict, load_config  # noqa: E402
 from train.data import FeatureShards, list_samples, read_image_caption  # noqa: E402
 
@@ -289,7 +290,7 @@ def load_frozen_t5(path: str, dtype: torch.dtype):
         raise ModelFolderError(
             f"t5_path '{path}' is not a model folder with config.json. Set it to a local copy of google/flan-t5-xxl."
         )
-    t5 = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    t5 = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True, **dtype_kwargs(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return t5.eval().requires_grad_(False), tokenizer
 

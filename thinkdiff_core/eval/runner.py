@@ -130,6 +130,7 @@ def generate_item(
         width=render.size,
         height=render.size,
         seed=seed,
+        add_vision_id=True,  # the official CoBSAT prompt labels its pictures (recipe section 6)
     )
     record = {
         "text_inputs": prompt.text_inputs,
