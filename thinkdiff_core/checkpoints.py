@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 
 from .aligner import AlignerSpec, ThinkDiffAligner
 from .errors import CheckpointError, UnsafeCheckpointError
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 METADATA_KEYS = ("format_version", "variant", "input_dim", "output_dim", "source_model", "num_tokens")
@@ -43,22 +43,12 @@ _KNOWN_WIDTHS = {3584: ("lvlm", "Qwen/Qwen2-VL-7B-Instruct"), 1408: ("clip", "Sa
 
 def save_aligner(aligner: ThinkDiffAligner, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `aligner` as safetensors with its spec in the header. The write is atomic (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in aligner.state_dict().items()}
     metadata = {f"thinkdiff.{key}": str(value) for key, value in aligner.spec.to_dict().items()}
     metadata["thinkdiff.format_version"] = str(FORMAT_VERSION)
     for key, value in (extra_metadata or {}).items():
         metadata[key if key.startswith("thinkdiff.") else f"thinkdiff.{key}"] = str(value)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_aligner(

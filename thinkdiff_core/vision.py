@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ModelFolderError, PromptError
+from .files import write_atomic
 from .vlm import dtype_kwargs, import_transformers, pil_images_from_tensor
 
 logger = logging.getLogger(__name__)
@@ -166,18 +167,13 @@ def extract_vision_tower(source: str | Path, destination: str | Path) -> Path:
         )
     stored = {"F32": torch.float32, "F16": torch.float16}.get(_stored_dtype(Path(source)), torch.bfloat16)
     model = load_vision_encoder(source, dtype=stored)
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         VISION_CONFIG_KEY: json.dumps(model.config.to_dict()),
         "thinkdiff.source_model": Path(source).name,
         "thinkdiff.format_version": "1",
     }
     tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
-    temporary = destination.with_name(f".{destination.name}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(destination)  # atomic: a half-written file never carries the final name
-    return destination
+    return write_atomic(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def is_vision_tower_file(path: str | Path) -> bool:

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from thinkdiff_core.errors import FeatureError, ThinkDiffError
+from thinkdiff_core.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def write_feature_shard(directory: Path, shard: int, records: list[dict], info: 
         "samples": meta_records,
         "complete": True,
     }
-    _atomic_write(directory / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
-    _atomic_write(directory / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
+    write_atomic(directory / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_atomic(directory / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1)))
 
 
 class FeatureShards:
@@ -317,14 +317,3 @@ class FeatureShards:
 
 def _offsets(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import PromptError
+from ..files import write_atomic
 from ..vlm import GenerationSettings, cobsat_content
 from .benchmark import CobsatPrompt, prompts, task_by_id
 
@@ -93,19 +93,6 @@ def check_dataset(data_root: Path, items: Sequence[WorkItem]) -> None:
             f"the Hugging Face dataset yzeng58/CoBSAT there (so that '{data_root}/color_car/red_car.jpg' exists), or "
             f"draw the offline mini theme with `python -m thinkdiff_core.eval.cobsat make-mini {data_root}` (tasks 1, 2)."
         )
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto `path`, so a crash never leaves a half-written file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp_name))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def generate_item(
