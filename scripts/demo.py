@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nodes import NODE_CLASS_MAPPINGS, comfy_adapter  # noqa: E402
 from thinkdiff_core import flux, save_aligner, standin  # noqa: E402
+from thinkdiff_core.vlm import image_tensor_from_pil  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,11 +44,6 @@ def build_standin_models(models_root: Path) -> None:
     aligner_file = models_root / "thinkdiff" / "tiny-lvlm-aligner-STANDIN.safetensors"
     if not aligner_file.exists():
         save_aligner(standin.build_aligner(input_dim=64, output_dim=4096), aligner_file)
-
-
-def to_image_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL -> ComfyUI IMAGE (1, height, width, 3) in [0, 1], as LoadImage outputs."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
 def summary_card(inputs: list[Image.Image], words: list[str], output: Image.Image, text: str) -> Image.Image:
@@ -93,8 +87,8 @@ def main(argv=None) -> int:
         top_p=0.9,
         greedy=False,
         keep_model_loaded=False,
-        image_1=to_image_tensor(images[0]),
-        image_2=to_image_tensor(images[1]),
+        image_1=image_tensor_from_pil(images[0]),
+        image_2=image_tensor_from_pil(images[1]),
     )
     features, text = encoded["result"]
     (aligner,) = NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"]().load(aligner="tiny-lvlm-aligner-STANDIN.safetensors")

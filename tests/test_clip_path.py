@@ -3,7 +3,6 @@ composition with text in the recipe's order, and the refusals."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,6 +10,7 @@ from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, save_aligner, standin
 from thinkdiff_core.errors import AlignerMismatchError, ModelFolderError
 from thinkdiff_core.vision import extract_vision_tower, is_vision_tower_file, load_vision_encoder
+from thinkdiff_core.vlm import image_tensor_from_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def clip_models(tmp_path_factory):
 
 
 def image(color, shape="square"):
-    return torch.from_numpy(np.asarray(standin.draw_shape_image(color, shape), dtype=np.float32) / 255.0)[None]
+    return image_tensor_from_pil(standin.draw_shape_image(color, shape))
 
 
 def load(name):

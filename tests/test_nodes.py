@@ -6,13 +6,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_adapter
 from thinkdiff_core import standin
 from thinkdiff_core.errors import AlignerMismatchError, CheckpointError, ModelFolderError, PromptError
+from thinkdiff_core.vlm import image_tensor_from_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +49,11 @@ def test_loader_lists_come_from_the_model_folders(standalone_models):
     assert NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"].INPUT_TYPES()["required"]["aligner"][0] == ["tiny-lvlm.safetensors"]
 
 
-def image_tensor(image):
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
-
-
 @pytest.fixture
 def graph(standalone_models, shape_images):
     (vlm,) = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]().load("tiny-qwen2-vl", "float32", "cpu", "sdpa", False)
     (aligner,) = NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"]().load("tiny-lvlm.safetensors")
-    images = {"image_1": image_tensor(shape_images[0]), "image_2": image_tensor(shape_images[1])}
+    images = {"image_1": image_tensor_from_pil(shape_images[0]), "image_2": image_tensor_from_pil(shape_images[1])}
     return vlm, aligner, images
 
 

@@ -23,13 +23,10 @@ from thinkdiff_core.vlm import (
     chat_messages,
     final_norm,
     fit_pixel_budget,
+    image_tensor_from_pil,
     interleaved_content,
     load_vlm,
 )
-
-
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 @pytest.fixture
@@ -92,14 +89,14 @@ def test_100_kb_of_text_is_refused_with_the_limit(vlm_node):
 
 
 def test_non_ascii_text_and_words(vlm_node, shape_images):
-    features = encode(vlm_node, "赤\nblå\n緑 🟩", layout="in-context words", image_1=image_tensor(shape_images[0]), image_2=image_tensor(shape_images[1]))
+    features = encode(vlm_node, "赤\nblå\n緑 🟩", layout="in-context words", image_1=image_tensor_from_pil(shape_images[0]), image_2=image_tensor_from_pil(shape_images[1]))
     assert features.num_tokens == 3 and isinstance(features.text[0], str)
 
 
 def test_only_image_markers(vlm_node, shape_images):
     content = interleaved_content("<image><image>", shape_images)
     assert [part["type"] for part in content] == ["image", "image"]
-    assert encode(vlm_node, "<image><image>", image_1=image_tensor(shape_images[0]), image_2=image_tensor(shape_images[1])).num_tokens == 3
+    assert encode(vlm_node, "<image><image>", image_1=image_tensor_from_pil(shape_images[0]), image_2=image_tensor_from_pil(shape_images[1])).num_tokens == 3
 
 
 # --- untrusted model folders ------------------------------------------------------------------------------------
@@ -154,7 +151,7 @@ def test_cancel_stops_at_the_next_token_and_leaves_no_hook(tiny_vlm, shape_image
 
 
 def test_twenty_encodes_in_a_row_do_not_grow_memory(vlm_node, shape_images):
-    images = {"image_1": image_tensor(shape_images[0]), "image_2": image_tensor(shape_images[1])}
+    images = {"image_1": image_tensor_from_pil(shape_images[0]), "image_2": image_tensor_from_pil(shape_images[1])}
     process = psutil.Process()
     for _ in range(3):  # warm-up: allocator pools, lazy imports
         encode(vlm_node, "red\nblue\ngreen", layout="in-context words", num_tokens=8, **images)

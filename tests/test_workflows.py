@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +19,7 @@ from PIL import Image
 from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, flux, save_aligner, standin
 from thinkdiff_core.vision import extract_vision_tower
+from thinkdiff_core.vlm import image_tensor_from_pil
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.api.json"))
@@ -43,8 +43,7 @@ def standins(tmp_path_factory, tiny_qwen2vl_dir):
 
 
 def image_tensor(name: str) -> torch.Tensor:
-    image = Image.open(WORKFLOWS / "input" / name).convert("RGB")
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    return image_tensor_from_pil(Image.open(WORKFLOWS / "input" / name))
 
 
 class Executor:

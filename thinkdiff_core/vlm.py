@@ -542,6 +542,11 @@ def pil_images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
     return out
 
 
+def image_tensor_from_pil(image: Image.Image) -> torch.Tensor:
+    """PIL -> ComfyUI IMAGE (1, height, width, 3) floats in [0, 1], as LoadImage outputs: the inverse of the above."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
 def layout_content(layout: str, prompt: str, images: Sequence[Image.Image]) -> list[dict]:
     """User content for a layout name (see LAYOUTS): the encode node's single entry point to the prompt builders.
 
