@@ -1,44 +1,42 @@
-"""Benchmark: ThinkDiff's VLM encoding against plain `generate(output_hidden_states=True)`, same process, same inputs.
+"""Benchmark: ThinkDiff's VLM encoding (the fast engine) against plain `generate(output_hidden_states=True)`, in the
+same process on the same inputs.
 
     python bench/bench_vlm_encode.py --tiny                  # tiny stand-in on CPU in seconds (CI runs this)
     python bench/bench_vlm_encode.py --device cuda           # Qwen2-VL-7B shapes, random bf16 weights, 2 images, 128 tokens
 
-Prints one JSON object: device, versions, shapes, the median time of each path, tokens/s, the ratio, peak memory, and
-whether greedy tokens are identical and features equal (to bf16 tolerance on real shapes). Random weights of the real
-shapes are enough to time: no weights are downloaded. Both paths decode greedily, so their work is the same.
+Prints one JSON object: device, versions, shapes; the median time of the reference, of generate with our final-norm
+hook, and of the fast engine; the first call's cost (compile + CUDA graph capture) on its own; a call with another
+prompt length and whether it recompiled; tokens/s and the ratio; peak memory; whether greedy tokens are identical and
+features equal to bf16 tolerance; and what stays allocated once the model is offloaded and the engine released.
+Random weights of the real shapes are enough to time: no weights are downloaded. Every path decodes greedily, so the
+work is the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import (  # noqa: E402
+    add_engine_arguments,
+    allocated_after_release,
+    build_vlm,
+    environment,
+    fast_options,
+    peak_memory,
+    timed,
+)
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
-from thinkdiff_core.vlm import chat_messages, cobsat_content, load_vlm, prepare_inputs  # noqa: E402
-
-# Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
-QWEN2_VL_7B_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-)
-QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14)
+from thinkdiff_core.vlm import chat_messages, cobsat_content, prepare_inputs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,36 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=448, help="side of each of the 2 images (448 -> 256 vision tokens)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="fewer text and vision layers (a quick check of the real-shape path, not a timing)")
+    add_engine_arguments(parser)
     return parser.parse_args(argv)
-
-
-def build_vlm(tiny: bool, device: torch.device, workdir: Path, layers: int | None = None):
-    """The stand-in folder gives tokenizer and processor; with real shapes the model is replaced by a random 7B."""
-    bundle = load_vlm(standin.build_qwen2vl(workdir / "vlm"), dtype=torch.float32, device=device)
-    if tiny:
-        return bundle
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    ids = bundle.model.config
-    config = Qwen2VLConfig(
-        text_config={**QWEN2_VL_7B_TEXT, **({"num_hidden_layers": layers} if layers else {}), "bos_token_id": ids.text_config.bos_token_id, "eos_token_id": ids.text_config.eos_token_id, "pad_token_id": ids.text_config.pad_token_id},
-        vision_config={**QWEN2_VL_7B_VISION, **({"depth": layers} if layers else {})},
-        image_token_id=ids.image_token_id,
-        video_token_id=ids.video_token_id,
-        vision_start_token_id=ids.vision_start_token_id,
-        vision_end_token_id=ids.vision_end_token_id,
-    )
-    generation_config = bundle.model.generation_config
-    del bundle.model
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.generation_config = generation_config
-    bundle.model = model.eval().requires_grad_(False)
-    image_processor = bundle.processor.image_processor
-    image_processor.min_pixels, image_processor.max_pixels = 56 * 56, 28 * 28 * 1280  # Qwen2-VL's defaults
-    if hasattr(image_processor, "size"):
-        image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
-    return bundle
 
 
 def reference_encode(vlm, messages, num_tokens: int):
@@ -102,63 +72,67 @@ def reference_encode(vlm, messages, num_tokens: int):
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.cat(states, dim=1)
 
 
-def timed(function, device: torch.device, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        result = function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result
-
-
-def peak_memory(device: torch.device, function) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    function()
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     num_tokens = args.num_tokens or (16 if args.tiny else 128)
     with tempfile.TemporaryDirectory() as workdir:
         vlm = build_vlm(args.tiny, device, Path(workdir), args.layers)
+    vlm.fast_options = fast_options(args)
     size = 56 if args.tiny else args.image_size
     images = [standin.draw_shape_image("red", size=size), standin.draw_shape_image("blue", size=size)]
     messages = chat_messages(cobsat_content(["red", "blue", "green"], images))
+    # Same pictures, more words: another prompt length, which must reuse what the first call compiled and captured.
+    longer = chat_messages(cobsat_content(["crimson red", "deep ocean blue", "bright green"], images))
     settings = GenerationSettings(num_tokens=num_tokens, greedy=True)
 
-    ours_call = lambda: encode_with_vlm(vlm, messages, settings, add_vision_id=True)  # noqa: E731
+    ours_call = lambda: encode_with_vlm(vlm, messages, settings, add_vision_id=True, engine="fast")  # noqa: E731
+    hook_call = lambda: encode_with_vlm(vlm, messages, settings, add_vision_id=True, engine="generate")  # noqa: E731
     reference_call = lambda: reference_encode(vlm, messages, num_tokens)  # noqa: E731
-    ours_call(), reference_call()  # warm-up: kernels, allocator
+    reference_call()  # warm-up of the device, kernels and allocator, so the first fast call shows its own cost
+    counters.clear()
+    first_call_s, _ = timed(ours_call, device, 1)  # compile + graph capture + one encode
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    hook_call()
     ours_time, ours = timed(ours_call, device, args.repeats)
     reference_time, (reference_ids, reference_states) = timed(reference_call, device, args.repeats)
-    difference = (ours.hidden_states.float() - reference_states.float()).abs().max().item()
+    hook_time, _ = timed(hook_call, device, args.repeats)
+    longer_time, longer_features = timed(lambda: encode_with_vlm(vlm, longer, settings, add_vision_id=True, engine="fast"), device, 1)
+    difference = (ours.hidden_states.float() - reference_states.float()).abs()
+    peak = {"reference": peak_memory(device, reference_call), "ours": peak_memory(device, ours_call)}
+    decoder = vlm.fast_decoder()
     result = {
         "bench": "vlm_encode",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        **environment(device),
         "shapes": {
             "model": "tiny stand-in" if args.tiny else f"Qwen2-VL-7B (random bf16 weights{f', {args.layers} layers' if args.layers else ''})",
             "prompt_tokens": int(ours.prompt_ids.shape[1]),
+            "longer_prompt_tokens": int(longer_features.prompt_ids.shape[1]),
             "images": 2,
             "generated_tokens": num_tokens,
         },
+        "engine": {
+            "compiled": decoder.compiled,
+            "cuda_graphs": decoder.graph_captures > 0,
+            "graph_captures": decoder.graph_captures,
+        },
+        "reference": "generate(output_hidden_states=True), last layer picked",
         "reference_s": round(reference_time, 4),
+        "generate_with_hook_s": round(hook_time, 4),
         "ours_s": round(ours_time, 4),
+        "first_call_s": round(first_call_s, 3),
+        "new_prompt_length_s": round(longer_time, 4),
+        "recompiled_for_new_length": counters["stats"]["unique_graphs"] != graphs_after_first,
         "reference_tokens_per_s": round(num_tokens / reference_time, 1),
         "ours_tokens_per_s": round(num_tokens / ours_time, 1),
         "speedup": round(reference_time / ours_time, 3),
-        "peak_memory_gib": {"reference": peak_memory(device, reference_call), "ours": peak_memory(device, ours_call)},
+        "peak_memory_gib": peak,
         "tokens_identical": bool(torch.equal(ours.generated_ids.cpu(), reference_ids.cpu())),
-        "max_abs_feature_difference": difference,
+        "max_abs_feature_difference": difference.max().item(),
+        # bf16 tolerance as torch.testing's rtol for bfloat16 (1.6e-2), against the reference's own scale
+        "features_within_bf16_tolerance": bool((difference <= 1.6e-2 * (1 + reference_states.float().abs())).all()),
     }
+    result["allocated_after_release_gib"] = allocated_after_release(vlm, device)
     print(json.dumps(result))
     return result
 

@@ -12,6 +12,7 @@ transformers is imported lazily, so `import thinkdiff_core` works without it; a 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import MissingDependencyError, ModelFolderError, PromptError, ThinkDiffError
+from .fast_decode import FastDecodeOptions, FastDecoder, cache_layers, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +121,23 @@ class VlmBundle:
     source_model: str
     path: Path | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    fast_options: FastDecodeOptions = field(default_factory=FastDecodeOptions)
+    _fast: FastDecoder | None = field(default=None, init=False, repr=False)
 
     @property
     def hidden_size(self) -> int:
         return final_norm(self.model).weight.shape[0]
+
+    def fast_decoder(self) -> FastDecoder:
+        """The fast engine for this model, made once: its compiled code and CUDA graphs are reused across calls."""
+        if self._fast is None or self._fast.model is not self.model:
+            self._fast = FastDecoder(self.model, self.fast_options)
+        return self._fast
+
+    def release_device_buffers(self) -> None:
+        """Give back what the fast engine holds on the device (KV caches, graphs); the model itself is untouched."""
+        if self._fast is not None:
+            self._fast.release()
 
 
 class VlmOutOfMemoryError(ThinkDiffError, _OUT_OF_MEMORY):
@@ -373,6 +388,27 @@ def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_visi
     return dict(inputs)
 
 
+ENGINES = ("auto", "fast", "generate")
+
+
+def resolve_engine(vlm: VlmBundle, engine: str, device: torch.device) -> str:
+    """"auto": the fast engine on CUDA where it supports the model, else transformers' generate."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "generate":
+        return engine
+    reason = unsupported_reason(vlm.model)
+    if engine == "fast":
+        if reason:
+            raise ValueError(f"the fast engine cannot run '{vlm.source_model}': {reason}. Use engine 'generate'.")
+        return engine
+    if device.type == "cuda" and not reason:
+        return "fast"
+    if device.type == "cuda":
+        logger.info("fast engine not used for %s: %s", vlm.source_model, reason)
+    return "generate"
+
+
 def encode_with_vlm(
     vlm: VlmBundle,
     conversations: list[dict] | Sequence[list[dict]],
@@ -380,6 +416,7 @@ def encode_with_vlm(
     on_token: Callable[[int], None] | None = None,
     keep_prompt_states: bool = False,
     add_vision_id: bool = False,
+    engine: str = "auto",
 ) -> VlmFeatures:
     """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
 
@@ -387,6 +424,8 @@ def encode_with_vlm(
     on_token(n): called after each generated token with the count so far; raising from it stops generation
         (ComfyUI's progress bar does this on Cancel).
     add_vision_id: "Picture k: " labels, for the in-context (CoBSAT) layout; see prepare_inputs.
+    engine: "generate" (transformers' generate), "fast" (static cache, compiled and CUDA-graphed on GPU; see
+        fast_decode.py) or "auto" (fast on CUDA where supported). Greedy tokens are the same either way.
     """
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
@@ -398,6 +437,7 @@ def encode_with_vlm(
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
     prompt_ids = inputs["input_ids"]
     _check_context_length(model, prompt_ids.shape[1], settings.num_tokens)
+    engine = resolve_engine(vlm, engine, device)
 
     captured: list[torch.Tensor] = []
     prompt_states: list[torch.Tensor] = []
@@ -411,13 +451,21 @@ def encode_with_vlm(
 
     handle = final_norm(model).register_forward_hook(capture)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if settings.seed is not None and not settings.greedy:
-                torch.manual_seed(settings.seed)
-            with torch.inference_mode():
-                output_ids = model.generate(**inputs, **_generate_kwargs(vlm, settings, on_token))
+        with torch.inference_mode():
+            if engine == "fast":
+                prefill = model.generate(**inputs, **_prefill_kwargs(vlm))
+                handle.remove()  # the decode steps report their states themselves
+                generated_ids, hidden_states = _decode_fast(vlm, inputs, prefill, captured[0], settings, on_token)
+            else:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    if settings.seed is not None and not settings.greedy:
+                        torch.manual_seed(settings.seed)
+                    output_ids = model.generate(**inputs, **_generate_kwargs(vlm, settings, on_token))
+                generated_ids = output_ids[:, prompt_ids.shape[1] :]
+                hidden_states = torch.cat(captured, dim=1)[:, : generated_ids.shape[1]]
     except _OUT_OF_MEMORY as error:
         captured.clear()  # let the states go before the caller frees memory
+        vlm.release_device_buffers()
         images = int(inputs["image_grid_thw"].shape[0]) if "image_grid_thw" in inputs else 0
         raise VlmOutOfMemoryError(
             f"out of memory while the VLM read {prompt_ids.shape[1]} prompt tokens ({images} image(s)) and generated "
@@ -427,8 +475,6 @@ def encode_with_vlm(
     finally:
         handle.remove()
 
-    generated_ids = output_ids[:, prompt_ids.shape[1] :]
-    hidden_states = torch.cat(captured, dim=1)[:, : generated_ids.shape[1]]
     lengths = _valid_lengths(vlm, generated_ids, settings)
     text = vlm.processor.batch_decode(generated_ids, skip_special_tokens=True)
     return VlmFeatures(
@@ -442,6 +488,85 @@ def encode_with_vlm(
     )
 
 
+def _prefill_kwargs(vlm: VlmBundle) -> dict:
+    """generate() for one token: transformers does the prefill (vision, M-RoPE, KV cache); we take its raw logits."""
+    kwargs = _generate_kwargs(vlm, GenerationSettings(num_tokens=1, stop_at_eos=True, greedy=True), None)
+    return {**kwargs, "return_dict_in_generate": True, "output_logits": True}
+
+
+def _decode_fast(vlm: VlmBundle, inputs: dict, prefill, last_prompt_state, settings, on_token):
+    """The remaining tokens through the fast engine; returns (generated_ids, hidden_states) as generate's path does."""
+    model = vlm.model
+    cache = getattr(prefill, "cache", None) or getattr(prefill, "past_key_values", None)
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(inputs["input_ids"])
+    # The first generated token's text position: transformers' rope_deltas map a row's real length to its position
+    # after the images' M-RoPE span (recipe: vector 0 is the last prompt token, positions continue from there).
+    deltas = model.model.rope_deltas
+    first_positions = mask.long().sum(dim=1) + (deltas.view(-1).to(mask.device) if deltas is not None else 0)
+    eos_ids = torch.tensor(_eos_ids(vlm) or [-1], device=mask.device)
+    result = vlm.fast_decoder().decode(
+        first_logits=prefill.logits[0],
+        prompt_kv=cache_layers(cache),
+        prompt_mask=mask,
+        first_positions=first_positions,
+        num_tokens=settings.num_tokens,
+        choose=TokenChooser(vlm, settings, mask.device),
+        on_token=on_token,
+        is_finished=(lambda ids: torch.isin(ids, eos_ids).any(dim=1)) if settings.stop_at_eos else None,
+    )
+    hidden_states = torch.cat([last_prompt_state, result.hidden_states], dim=1)
+    generated_ids = result.generated_ids
+    if settings.stop_at_eos:  # as generate: pad after a row's EOS, stop where every row has ended
+        is_eos = torch.isin(generated_ids, eos_ids)
+        after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        generated_ids = generated_ids.masked_fill(after_eos, _pad_id(vlm, _eos_ids(vlm)))
+        if bool(is_eos.any(dim=1).all()):
+            end = int((is_eos.int().argmax(dim=1) + 1).max())
+            generated_ids, hidden_states = generated_ids[:, :end], hidden_states[:, :end]
+    return generated_ids, hidden_states
+
+
+class TokenChooser:
+    """The fast engine's token choice, with generate's processors in generate's order: suppressed vision tokens,
+    EOS held back until the minimum length, then argmax, or temperature + top-p (HF's TopPLogitsWarper rule) and a
+    draw from a private generator seeded by settings.seed (the global RNG is not touched)."""
+
+    def __init__(self, vlm: VlmBundle, settings: GenerationSettings, device: torch.device) -> None:
+        self.settings = settings
+        self.min_tokens = 1 if settings.stop_at_eos else settings.num_tokens
+        vision = [getattr(vlm.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
+        self.suppress = torch.tensor([t for t in vision if t is not None], dtype=torch.long, device=device)
+        self.eos = torch.tensor(_eos_ids(vlm), dtype=torch.long, device=device)
+        self.generator = None
+        if not settings.greedy:
+            self.generator = torch.Generator(device=device)
+            if settings.seed is not None:
+                self.generator.manual_seed(settings.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        logits = logits.float().clone()
+        if self.suppress.numel():
+            logits.index_fill_(1, self.suppress, -math.inf)
+        if index < self.min_tokens and self.eos.numel():
+            logits.index_fill_(1, self.eos, -math.inf)
+        if self.settings.greedy:
+            return logits.argmax(dim=-1)
+        logits = logits / self.settings.temperature
+        if self.settings.top_p < 1.0:
+            sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= (1 - self.settings.top_p)
+            remove[..., -1:] = False  # keep at least one token
+            logits = logits.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        return (probs / race).argmax(dim=-1)
+
+
 def _check_context_length(model, prompt_tokens: int, new_tokens: int) -> None:
     config = getattr(model.config, "text_config", model.config)
     limit = getattr(config, "max_position_embeddings", None)
@@ -450,6 +575,11 @@ def _check_context_length(model, prompt_tokens: int, new_tokens: int) -> None:
             f"the prompt is {prompt_tokens} tokens (images included) and {new_tokens} more are to be generated, but "
             f"the model handles at most {limit}. Shorten the text, use fewer or smaller images, or fewer tokens."
         )
+
+
+def _pad_id(vlm: VlmBundle, eos_ids: list[int]) -> int:
+    tokenizer = vlm.processor.tokenizer
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
 
 
 def _eos_ids(vlm: VlmBundle) -> list[int]:
@@ -464,14 +594,13 @@ _VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_
 
 def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> dict:
     transformers = import_transformers()
-    tokenizer = vlm.processor.tokenizer
     eos_ids = _eos_ids(vlm)
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.num_tokens,
         # EOS suppressed until num_tokens: the official inference's min_tokens = max_tokens (recipe section 5).
         "min_new_tokens": 1 if settings.stop_at_eos else settings.num_tokens,
         "eos_token_id": eos_ids or None,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
+        "pad_token_id": _pad_id(vlm, eos_ids),
         # vLLM applies no repetition penalty; Qwen2-VL's generation_config.json asks for 1.05, and generate() would
         # fill it in from there (recipe section 5: only SamplingParams count).
         "repetition_penalty": 1.0,

@@ -1,0 +1,115 @@
+"""What the bench scripts share: the real model shapes, the VLM builder, timing, memory and the environment record."""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from thinkdiff_core import standin  # noqa: E402
+from thinkdiff_core.fast_decode import FastDecodeOptions  # noqa: E402
+from thinkdiff_core.vlm import load_vlm  # noqa: E402
+
+# Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
+QWEN2_VL_7B_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14)
+
+
+def build_vlm(tiny: bool, device: torch.device, workdir: Path, layers: int | None = None):
+    """The stand-in folder gives tokenizer and processor; with real shapes the model is replaced by a random 7B."""
+    bundle = load_vlm(standin.build_qwen2vl(workdir / "vlm"), dtype=torch.float32, device=device)
+    if tiny:
+        return bundle
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = bundle.model.config
+    config = Qwen2VLConfig(
+        text_config={**QWEN2_VL_7B_TEXT, **({"num_hidden_layers": layers} if layers else {}), "bos_token_id": ids.text_config.bos_token_id, "eos_token_id": ids.text_config.eos_token_id, "pad_token_id": ids.text_config.pad_token_id},
+        vision_config={**QWEN2_VL_7B_VISION, **({"depth": layers} if layers else {})},
+        image_token_id=ids.image_token_id,
+        video_token_id=ids.video_token_id,
+        vision_start_token_id=ids.vision_start_token_id,
+        vision_end_token_id=ids.vision_end_token_id,
+    )
+    generation_config = bundle.model.generation_config
+    del bundle.model
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.generation_config = generation_config
+    bundle.model = model.eval().requires_grad_(False)
+    image_processor = bundle.processor.image_processor
+    image_processor.min_pixels, image_processor.max_pixels = 56 * 56, 28 * 28 * 1280  # Qwen2-VL's defaults
+    if hasattr(image_processor, "size"):
+        image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+    return bundle
+
+
+def fast_options(args) -> FastDecodeOptions:
+    """--compile / --cuda-graphs / --compile-backend as engine options."""
+    flag = {"auto": None, "on": True, "off": False}
+    return FastDecodeOptions(compile=flag[args.compile], cuda_graphs=flag[args.cuda_graphs], compile_backend=args.compile_backend)
+
+
+def add_engine_arguments(parser) -> None:
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compile the decoder layers (auto: on CUDA)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager checks tracing on CPU quickly)")
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")
+
+
+def timed(function, device: torch.device, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def peak_memory(device: torch.device, function) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    function()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def allocated_after_release(vlm, device: torch.device) -> float | None:
+    """What stays allocated once the model is offloaded and the engine's buffers released (the node's release)."""
+    if device.type != "cuda":
+        return None
+    vlm.release_device_buffers()
+    vlm.model.to("cpu")
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and date: every figure is reported with them."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
