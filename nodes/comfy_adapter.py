@@ -194,13 +194,16 @@ class ManagedModel:
     load_device: torch.device
     offload_device: torch.device
     patcher: Any = None
+    movable: bool = True
 
 
-def manage(model: Any, module: torch.nn.Module, load_device: torch.device) -> ManagedModel:
-    """Put a model loaded on the offload device under management; it goes to `load_device` only while in use."""
+def manage(model: Any, module: torch.nn.Module, load_device: torch.device, movable: bool = True) -> ManagedModel:
+    """Put a model loaded on the offload device under management; it goes to `load_device` only while in use.
+
+    movable=False: weights that cannot change device (bitsandbytes), loaded on `load_device` and left there."""
     offload = offload_device()
-    handle = ManagedModel(model=model, module=module, load_device=load_device, offload_device=offload)
-    if IN_COMFYUI:
+    handle = ManagedModel(model=model, module=module, load_device=load_device, offload_device=offload, movable=movable)
+    if IN_COMFYUI and movable:
         size = sum(p.numel() * p.element_size() for p in module.parameters())
         handle.patcher = comfy.model_patcher.ModelPatcher(
             _Holder(module, offload), load_device=load_device, offload_device=offload, size=size
@@ -213,18 +216,22 @@ def load_to_device(handle: ManagedModel) -> None:
     if handle.patcher is not None:
         # Full load: plain transformers Linear layers cannot be partially offloaded by ComfyUI.
         model_management.load_models_gpu([handle.patcher], force_full_load=True)
-    else:
+    elif handle.movable:
         handle.module.to(handle.load_device)
 
 
 def release(handle: ManagedModel) -> None:
-    """Give the model's compute-device memory back (the weights stay loaded on the offload device)."""
+    """Give the model's compute-device memory back (the weights stay loaded on the offload device), with what the
+    core holds on the device for it (the fast engine's KV caches and CUDA graphs)."""
+    release_buffers = getattr(handle.model, "release_device_buffers", None)
+    if release_buffers is not None:
+        release_buffers()
     if handle.patcher is not None:
         for loaded in list(model_management.current_loaded_models):
             if loaded.model is handle.patcher:
                 loaded.model_unload()
                 model_management.current_loaded_models.remove(loaded)
-    else:
+    elif handle.movable:
         handle.module.to(handle.offload_device)
     empty_cache()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from thinkdiff_core import load_aligner, load_vlm
-from thinkdiff_core.vlm import ATTENTION_BACKENDS
+from thinkdiff_core.vlm import ATTENTION_BACKENDS, ENGINES, QUANTIZATIONS
 
 from . import comfy_adapter as adapter
 
@@ -37,19 +37,24 @@ class ThinkDiffVLMLoader:
                 "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "sdpa", "tooltip": "Falls back to sdpa, then eager, if unavailable."}),
                 "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": "Run Python code shipped in the model folder. Only for folders you trust."}),
+                "engine": (list(ENGINES), {"default": "auto", "tooltip": "auto: the fast engine (static cache, compiled, CUDA graphs) on a GPU where it supports the model, else transformers' generate. The first fast run compiles; later runs reuse it while these settings stay."}),
+                "quantization": (list(QUANTIZATIONS), {"default": "none", "tooltip": "8-bit / 4-bit weights (needs bitsandbytes and a CUDA GPU) for 12-16 GB cards. Such a VLM stays on the GPU and decodes with generate."}),
             }
         }
 
-    def load(self, model, dtype, device, attention, trust_remote_code):
+    def load(self, model, dtype, device, attention, trust_remote_code, engine="auto", quantization="none"):
         load_device, torch_dtype = device_and_dtype(device, dtype)
+        quantized = quantization != "none"
         bundle = load_vlm(
             adapter.vlm_path(model),
             dtype=torch_dtype,
-            device=adapter.offload_device(),
+            device=load_device if quantized else adapter.offload_device(),
             attn_implementation=attention,
             trust_remote_code=trust_remote_code,
+            quantization=quantization,
+            engine=engine,
         )
-        return (adapter.manage(bundle, bundle.model, load_device),)
+        return (adapter.manage(bundle, bundle.model, load_device, movable=not quantized),)
 
 
 class ThinkDiffAlignerLoader:

@@ -11,14 +11,21 @@ import torch
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_adapter
 from thinkdiff_core import standin
-from thinkdiff_core.errors import AlignerMismatchError, CheckpointError, ModelFolderError, PromptError
+from thinkdiff_core.errors import (
+    AlignerMismatchError,
+    CheckpointError,
+    MissingDependencyError,
+    ModelFolderError,
+    PromptError,
+    ThinkDiffError,
+)
 from thinkdiff_core.vlm import image_tensor_from_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Saved workflows address widgets by position and links by name: this table is a public contract.
 CONTRACT = {
-    "ThinkDiffVLMLoader": (["model", "dtype", "device", "attention", "trust_remote_code"], [], ("THINKDIFF_VLM",)),
+    "ThinkDiffVLMLoader": (["model", "dtype", "device", "attention", "trust_remote_code", "engine", "quantization"], [], ("THINKDIFF_VLM",)),
     "ThinkDiffAlignerLoader": (["aligner"], [], ("THINKDIFF_ALIGNER",)),
     "ThinkDiffVLMEncode": (
         ["vlm", "prompt", "layout", "num_tokens", "seed", "temperature", "top_p", "greedy", "keep_model_loaded"],
@@ -176,3 +183,26 @@ def test_standalone_adapter_without_comfyui():
     assert comfy_adapter.IN_COMFYUI is False
     assert importlib.util.find_spec("comfy") is None
     assert comfy_adapter.compute_device("cpu").type == "cpu"
+
+
+def test_loader_engine_choice_reaches_the_encode_node_and_release_frees_its_buffers(graph, standalone_models):
+    vlm, _aligner, images = graph
+    (fast_vlm,) = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]().load("tiny-qwen2-vl", "float32", "cpu", "sdpa", False, "fast", "none")
+    assert fast_vlm.model.engine == "fast"
+    fast = encode(fast_vlm, images, num_tokens=8)["result"][0]
+    reference = encode(vlm, images, num_tokens=8)["result"][0]  # auto on cpu: generate
+    assert torch.equal(fast.generated_ids, reference.generated_ids)
+    assert not fast_vlm.model.fast_decoder()._states  # keep_model_loaded off: the engine's buffers went too
+
+
+def test_quantized_load_errors_name_the_fix(standalone_models):
+    loader = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]()
+    with pytest.raises(ThinkDiffError, match="CUDA GPU only.*quantization 'none'"):
+        loader.load("tiny-qwen2-vl", "float32", "cpu", "sdpa", False, "auto", "8-bit")
+    from thinkdiff_core.vlm import _quantization_kwargs, import_transformers
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(MissingDependencyError, match="pip install bitsandbytes"):
+            _quantization_kwargs(import_transformers(), "4-bit", torch.bfloat16, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        _quantization_kwargs(import_transformers(), "3-bit", torch.bfloat16, torch.device("cpu"))

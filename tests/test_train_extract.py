@@ -68,3 +68,18 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(
         for key, value in tensors.items():
             assert torch.equal(resumed[name][1][key], value), (name, key)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_fast_engine_extraction_writes_the_same_kind_of_shards(tiny_train_data, tmp_path):
+    """--engine fast (the GPU default) on CPU: one shard, each sample's features and token ids of one length; the
+    prompt-state ablation still lines up."""
+    out = extract_features.main(
+        ["--config", "train/configs/tiny.yaml", "--engine", "fast", "--max-shards", "1",
+         *tiny_overrides(tiny_train_data, features_dir=tmp_path / "fast")]
+    )  # fmt: skip
+    shards = read_shards(out)
+    info, tensors = shards["shard-000000"]
+    lengths = [s["length"] for s in info["samples"]]
+    assert len(lengths) + len(info["skipped"]) == 8 and all(1 <= n <= 12 for n in lengths)
+    assert tensors["features"].shape == (sum(lengths), 64) and tensors["token_ids"].shape == (sum(lengths),)
+    assert torch.isfinite(tensors["features"].float()).all()

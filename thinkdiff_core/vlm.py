@@ -121,6 +121,8 @@ class VlmBundle:
     source_model: str
     path: Path | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    engine: str = "auto"  # the default decode engine of encode_with_vlm
+    quantization: str = "none"
     fast_options: FastDecodeOptions = field(default_factory=FastDecodeOptions)
     _fast: FastDecoder | None = field(default=None, init=False, repr=False)
 
@@ -241,14 +243,22 @@ def load_vlm(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    quantization: str = "none",
+    engine: str = "auto",
 ) -> VlmBundle:
     """Load a Hugging Face format VLM folder (config.json, weights, processor files). Never downloads.
 
     The attention backend falls back from flash_attention_2 to sdpa to eager when one is not available.
+    quantization: "8-bit" or "4-bit" (NF4) loads the weights through bitsandbytes, straight onto a CUDA `device`, for
+        12-16 GB cards; such weights cannot move between devices afterwards, and they decode with generate.
+    engine: the bundle's default decode engine (see encode_with_vlm).
     """
     path = check_model_folder(path)
     _refuse_remote_code(path, trust_remote_code)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     transformers = import_transformers()
+    quantized = _quantization_kwargs(transformers, quantization, dtype, torch.device(device))
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model_class = _model_class(transformers, config.model_type)
     backends = ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :] if attn_implementation in ATTENTION_BACKENDS else (attn_implementation, "sdpa", "eager")
@@ -261,6 +271,7 @@ def load_vlm(
                 trust_remote_code=trust_remote_code,
                 attn_implementation=backend,
                 **dtype_kwargs(dtype),
+                **quantized,
             )
             break
         except (ImportError, ValueError) as error:
@@ -271,8 +282,45 @@ def load_vlm(
     else:
         raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    model.to(device).eval().requires_grad_(False)
-    return VlmBundle(model=model, processor=processor, source_model=path.name, path=path, max_image_pixels=max_image_pixels)
+    if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return VlmBundle(
+        model=model,
+        processor=processor,
+        source_model=path.name,
+        path=path,
+        max_image_pixels=max_image_pixels,
+        engine=engine,
+        quantization=quantization,
+    )
+
+
+QUANTIZATIONS = ("none", "8-bit", "4-bit")
+
+
+def _quantization_kwargs(transformers, quantization: str, dtype: torch.dtype, device: torch.device) -> dict:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return {}
+    if device.type != "cuda":
+        raise ThinkDiffError(
+            f"{quantization} loading runs on a CUDA GPU only (bitsandbytes), but the VLM is to load on {device}. "
+            "Choose quantization 'none' for a cpu load, or load on a cuda device."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{quantization} loading needs the bitsandbytes package: pip install bitsandbytes "
+            "(in ComfyUI's Python), then restart. Or choose quantization 'none'."
+        ) from error
+    if quantization == "8-bit":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
 def check_model_folder(path: str | Path) -> Path:
@@ -416,7 +464,7 @@ def encode_with_vlm(
     on_token: Callable[[int], None] | None = None,
     keep_prompt_states: bool = False,
     add_vision_id: bool = False,
-    engine: str = "auto",
+    engine: str | None = None,
 ) -> VlmFeatures:
     """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
 
@@ -425,7 +473,8 @@ def encode_with_vlm(
         (ComfyUI's progress bar does this on Cancel).
     add_vision_id: "Picture k: " labels, for the in-context (CoBSAT) layout; see prepare_inputs.
     engine: "generate" (transformers' generate), "fast" (static cache, compiled and CUDA-graphed on GPU; see
-        fast_decode.py) or "auto" (fast on CUDA where supported). Greedy tokens are the same either way.
+        fast_decode.py) or "auto" (fast on CUDA where supported); None: the bundle's own (vlm.engine). Greedy tokens
+        are the same either way.
     """
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
@@ -437,7 +486,7 @@ def encode_with_vlm(
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
     prompt_ids = inputs["input_ids"]
     _check_context_length(model, prompt_ids.shape[1], settings.num_tokens)
-    engine = resolve_engine(vlm, engine, device)
+    engine = resolve_engine(vlm, engine or vlm.engine, device)
 
     captured: list[torch.Tensor] = []
     prompt_states: list[torch.Tensor] = []

@@ -14,6 +14,11 @@ answer with temperature 0.6, top-p 0.9, top-k off, at most 256 tokens, stopping 
 Resumable: finished shards are skipped; a shard interrupted half-way is redone from its start. Shard k always holds
 source samples [k * samples_per_shard, (k + 1) * samples_per_shard), and instructions and sampling seeds depend only on
 the seed and the sample/shard numbers, so a resumed run writes what an uninterrupted one would have.
+
+Speed: on a GPU the batches decode with the fast engine (thinkdiff_core/fast_decode.py: static KV cache, compiled
+layers, one CUDA graph per step); `--engine generate` uses transformers' generate instead. The two engines draw
+different (equally valid) samples for a seed, so finish a run with the engine it started with.
+bench/bench_extract.py measures the throughput.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from accelerate import PartialState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from thinkdiff_core.errors import ThinkDiffError  # noqa: E402
-from thinkdiff_core.vlm import GenerationSettings, chat_messages, encode_with_vlm, image_part, load_vlm, text_part  # noqa: E402
+from thinkdiff_core.vlm import (  # noqa: E402
+    ENGINES,
+    GenerationSettings,
+    chat_messages,
+    encode_with_vlm,
+    image_part,
+    load_vlm,
+    text_part,
+)
 from train.config import ConfigError, load_config  # noqa: E402
 from train.data import list_samples, load_image, shard_is_complete, write_feature_shard  # noqa: E402
 
@@ -70,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features-dir", default=None, help="where to write the shards (overrides features_dir)")
     parser.add_argument(
         "--max-shards", type=int, default=None, help="stop after this many shards in total (for trials)"
+    )
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="auto", help="decode engine (auto: the fast engine on a GPU, see above)"
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -187,6 +203,7 @@ def main(argv: list[str] | None = None) -> Path:
         dtype=DTYPES[config.frozen_dtype],
         device=state.device,
         max_image_pixels=config.max_image_pixels,
+        engine=args.engine,
     )
 
     info = {

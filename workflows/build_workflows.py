@@ -212,6 +212,8 @@ def vlm_loader(id: int, pos: tuple[int, int]) -> Node:
             Widget("device", "auto"),
             Widget("attention", "sdpa"),
             Widget("trust_remote_code", False),
+            Widget("engine", "auto"),
+            Widget("quantization", "none"),
         ],
         outputs=[("vlm", "THINKDIFF_VLM")],
         # No properties.models here: the VLM is a folder, and the frontend compares hints with single files, so a
