@@ -146,3 +146,15 @@ def test_models_the_engine_does_not_reproduce_fall_back(tiny_qwen2vl_dir, conver
     assert features.hidden_states.shape[1] == 4
     with pytest.raises(ValueError, match="engine must be one of"):
         encode_with_vlm(vlm, conversations[:1], GenerationSettings(num_tokens=4), engine="vllm")
+
+
+def test_weights_fingerprint_follows_the_storage(tiny_qwen2vl_dir):
+    """A captured CUDA graph holds weight addresses; the engine re-captures when the fingerprint changes (e.g. after
+    ComfyUI evicted and reloaded the model). Here a weight gets new storage, as a device round trip gives it."""
+    vlm = load_vlm(tiny_qwen2vl_dir, dtype=torch.float32, device="cpu")
+    decoder = FastDecoder(vlm.model)
+    before = decoder.parts.fingerprint()
+    assert decoder.parts.fingerprint() == before
+    down = vlm.model.model.language_model.layers[-1].mlp.down_proj
+    down.weight.data = down.weight.data.clone()
+    assert decoder.parts.fingerprint() != before

@@ -46,7 +46,8 @@ class FastDecodeOptions:
     compile: torch.compile the decoder layer halves (None: on CUDA only), with `compile_backend`.
     cuda_graphs: capture each decode step as a CUDA graph (None: on CUDA only).
     cache_bucket: KV-cache lengths are rounded up to a multiple of this, so prompts of similar length share a graph.
-    check_every: with stop_at_eos, how many tokens between host checks whether every row has ended.
+    check_every: how many tokens between host synchronisations: with stop_at_eos, to see whether every row has ended;
+        with a progress callback, to keep progress and Cancel near what the GPU has done.
     max_graphs: captured graphs kept (each holds its KV cache); the least recently used goes first.
     """
 
@@ -255,6 +256,8 @@ class FastDecoder:
             state.positions.add_(1)
             state.slot.add_(1)
             if on_token is not None:
+                if device.type == "cuda" and k % self.options.check_every == 0:
+                    torch.cuda.current_stream(device).synchronize()  # keep progress (and Cancel) near the GPU
                 on_token(k + 1)
             if is_finished is not None and k % self.options.check_every == 0 and bool(is_finished(ids[:, : k + 1]).all()):
                 steps = k
@@ -341,7 +344,8 @@ class FastDecoder:
                     self._step(state)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a CUDA call from another thread (ComfyUI's server polling memory) must not break capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 state.hidden, state.logits = self._step(state)
         except Exception as error:  # noqa: BLE001 - any capture failure means: run the same step uncaptured
             self._graphs_failed = True

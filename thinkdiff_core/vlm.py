@@ -519,7 +519,8 @@ def encode_with_vlm(
         raise VlmOutOfMemoryError(
             f"out of memory while the VLM read {prompt_ids.shape[1]} prompt tokens ({images} image(s)) and generated "
             f"{settings.num_tokens} tokens on {device}. Use fewer or smaller images, fewer tokens, or free memory "
-            f"first (keep_model_loaded off, other models unloaded); or load the VLM on cpu. ({str(error).splitlines()[0]})"
+            f"first (keep_model_loaded off, other models unloaded); or load the VLM 8-bit or 4-bit (quantization on "
+            f"the loader, needs bitsandbytes), or on cpu. ({str(error).splitlines()[0]})"
         ) from error
     finally:
         handle.remove()
