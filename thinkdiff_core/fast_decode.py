@@ -248,9 +248,14 @@ class FastDecoder:
         state.positions.copy_(first_positions)
         state.slot.fill_(prompt_len)
         steps = num_tokens - 1
+        graphed = self._graph_ready(state)
         for k in range(1, num_tokens):
             state.tokens.copy_(ids[:, k - 1])
-            hidden, logits = self._run_step(state)
+            if graphed:
+                state.graph.replay()
+                hidden, logits = state.hidden, state.logits
+            else:
+                hidden, logits = self._step(state)
             hidden_states[:, k - 1].copy_(hidden)
             ids[:, k] = choose(logits.float(), k)
             state.positions.add_(1)
@@ -319,17 +324,16 @@ class FastDecoder:
         hidden = _rms_norm(x, parts.norm.weight, parts.norm.variance_epsilon)
         return hidden, F.linear(hidden, parts.lm_head.weight, parts.lm_head.bias)
 
-    def _run_step(self, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_ready(self, state: _State) -> bool:
+        """Whether this state's CUDA graph can be replayed, capturing it first if it is missing or stale (the weights
+        moved since: ComfyUI evicted and reloaded the model). Checked once per decode call."""
         device = state.tokens.device
-        if self._graphs_failed or not self._use(self.options.cuda_graphs, device) or device.type != "cuda":
-            return self._step(state)
+        if self._graphs_failed or device.type != "cuda" or not self._use(self.options.cuda_graphs, device):
+            return False
         fingerprint = self.parts.fingerprint()
         if state.graph is None or state.fingerprint != fingerprint:
             self._capture(state, fingerprint)
-            if state.graph is None:
-                return self._step(state)
-        state.graph.replay()
-        return state.hidden, state.logits
+        return state.graph is not None
 
     def _capture(self, state: _State, fingerprint: tuple) -> None:
         """Capture the step as a CUDA graph. Warm-up runs write into the cache at the current slot, which the real
