@@ -8,6 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,19 @@ def test_extract_bench_tiny(capsys):
     assert result["tokens_identical"]
     assert result["shapes"]["batch"] == 3 and result["shapes"]["generated_tokens_per_row"] == 4
     assert result["ours_tokens_per_s"] > 0 and result["reference_tokens_per_s"] > 0
+
+
+def test_report_refuses_cpu_figures_and_checks_the_bars(capsys, tmp_path):
+    report = load("report")
+    tiny = load("bench_extract").main(["--tiny", "--device", "cpu", "--batch", "2", "--num-tokens", "2", "--repeats", "1"])
+    capsys.readouterr()
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(tiny) + "\n")
+    with pytest.raises(SystemExit, match="refusing to report a CPU or --tiny result"):
+        report.main([str(results)])
+    # The same record as if a GPU had produced it: the bars are applied (3000 tokens/s, 3x).
+    gpu = {**tiny, "device": "NVIDIA H100 80GB HBM3", "shapes": {**tiny["shapes"], "model": "Qwen2-VL-7B"}}
+    results.write_text(json.dumps({**gpu, "ours_tokens_per_s": 3500.0, "speedup": 2.5}) + "\n")
+    table = report.main([str(results)])
+    assert "| generated tokens/s: ours | 3500.0 | >= 3000 | yes |" in table
+    assert "| speed-up over the reference | 2.5 | >= 3x | **no** |" in table
