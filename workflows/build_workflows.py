@@ -205,7 +205,7 @@ def vlm_loader(id: int, pos: tuple[int, int]) -> Node:
         id,
         "ThinkDiffVLMLoader",
         pos,
-        (340, 180),
+        (340, 230),
         [
             Widget("model", "Qwen2-VL-7B-Instruct"),
             Widget("dtype", "auto"),
@@ -516,7 +516,7 @@ def thinkdiff_lvlm_in_context() -> Workflow:
     image_red = load_image(2, (-500, 540), "thinkdiff_red_car.png", "Load Image (word 1: red)")
     image_blue = load_image(3, (-260, 540), "thinkdiff_blue_car.png", "Load Image (word 2: blue)")
     vlm = vlm_loader(4, (0, 0))
-    encode = vlm_encode(5, (0, 220))
+    encode = vlm_encode(5, (0, 260))
     aligner = aligner_loader(6, (400, 0), "thinkdiff_lvlm.pth")
     clip = dual_clip_loader(7, (400, 110))
     empty_text = text_encode_flux(8, (400, 280), "", 'Empty prompt (CLIP-L "" pooled)')
@@ -732,8 +732,8 @@ def thinkdiff_three_modes() -> Workflow:
     image_red = load_image(2, (-500, 600), "thinkdiff_red_car.png", "Load Image (word 1: red)")
     image_blue = load_image(3, (-260, 600), "thinkdiff_blue_car.png", "Load Image (word 2: blue)")
     vlm = vlm_loader(4, (0, 0))
-    encode = vlm_encode(5, (0, 220))
-    preview = preview_any(6, (0, 650))
+    encode = vlm_encode(5, (0, 260))
+    preview = preview_any(6, (0, 690))
     aligner = aligner_loader(7, (400, 0), "thinkdiff_lvlm.pth")
     clip = dual_clip_loader(8, (400, 110))
     empty_text = text_encode_flux(9, (400, 280), "", 'Empty prompt (CLIP-L "" pooled)')
