@@ -78,6 +78,17 @@ class Config:
     beta2: float = 0.999
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs: "no")
 
+    # --- speed (train/README.md, "Speed"): the samples seen per window of steps stay the same -------------------
+    # Bucketing groups samples of similar prefix and target length into the same global batch (less padding). The
+    # lengths come from the token ids and the seeded split, so no feature is read to group them. With bucketing the
+    # step's loss is divided by a fixed token budget (batch_size x max target tokens) instead of the batch's own
+    # token count: every target token then weighs the same whatever the batch holds, as in random batches.
+    length_bucketing: bool = True  # false: the plain seeded order and per-batch token mean of earlier versions
+    bucket_window: int = 256  # steps whose global batches are grouped together (at most one epoch)
+    pad_to_multiple: int = 8  # sequence lengths are padded up to a multiple of this: few distinct shapes
+    compile: bool = False  # torch.compile each frozen T5 block and the output-layer loss (regional compilation)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" checks the compiled graphs on a CPU
+
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     log_every: int = 10
     eval_every: int = 1000
@@ -104,6 +115,8 @@ class Config:
             "max_prefix_tokens",
             "max_target_tokens",
             "samples_per_shard",
+            "bucket_window",
+            "pad_to_multiple",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -272,6 +272,7 @@ class FeatureShards:
                 f"'{self.directory}' holds no finished feature shards. Run train/extract_features.py first."
             )
         self._handles: dict[int, object] = {}
+        self._offsets: dict[tuple[int, str], object] = {}  # numpy arrays
 
     def __len__(self) -> int:
         return len(self.index)
@@ -288,8 +289,7 @@ class FeatureShards:
         """{"features": (L, width) float32, "token_ids": (L,), "text": str, "prompt_features": (P, width) or None}."""
         number, row = self.index[index]
         handle = self._handle(number)
-        offsets = handle.get_tensor("offsets")
-        start, end = int(offsets[row]), int(offsets[row + 1])
+        start, end = self._span(number, row)
         sample = {
             "features": handle.get_slice("features")[start:end].float(),
             "token_ids": handle.get_slice("token_ids")[start:end],
@@ -299,11 +299,29 @@ class FeatureShards:
         if sample["features"].shape[0] == 0:
             raise FeatureError(f"{self.shards[number][0].name} row {row} has no features; re-extract that shard.")
         if "prompt_features" in handle.keys():
-            prompt_offsets = handle.get_tensor("prompt_offsets")
-            sample["prompt_features"] = handle.get_slice("prompt_features")[
-                int(prompt_offsets[row]) : int(prompt_offsets[row + 1])
-            ].float()
+            prompt_start, prompt_end = self._span(number, row, "prompt_offsets")
+            sample["prompt_features"] = handle.get_slice("prompt_features")[prompt_start:prompt_end].float()
         return sample
+
+    def token_ids(self, index: int) -> torch.Tensor:
+        """The generated token ids of sample `index` (L,), without reading its features (for length bucketing)."""
+        number, row = self.index[index]
+        start, end = self._span(number, row)
+        return self._handle(number).get_slice("token_ids")[start:end]
+
+    def num_prompt_states(self, index: int) -> int:
+        """How many prompt-token states sample `index` has (0 without keep_prompt_states)."""
+        number, row = self.index[index]
+        if "prompt_offsets" not in self._handle(number).keys():
+            return 0
+        start, end = self._span(number, row, "prompt_offsets")
+        return end - start
+
+    def _span(self, number: int, row: int, key: str = "offsets") -> tuple[int, int]:
+        if (number, key) not in self._offsets:  # samples_per_shard + 1 ints per shard, read once
+            self._offsets[(number, key)] = self._handle(number).get_tensor(key).numpy()  # fast to index
+        offsets = self._offsets[(number, key)]
+        return int(offsets[row]), int(offsets[row + 1])
 
     def _handle(self, number: int):
         # One open handle per shard and process (DataLoader workers each open their own after the fork).
