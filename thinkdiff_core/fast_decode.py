@@ -86,7 +86,7 @@ def unsupported_reason(model) -> str | None:
     for linear in parts.linears():
         if type(linear) is not torch.nn.Linear or not linear.weight.is_floating_point():
             return f"{type(linear).__name__} layers (quantized weights)"
-    if getattr(model.model, "rope_deltas", "missing") == "missing":
+    if not hasattr(model.model, "rope_deltas"):
         return "this transformers version keeps no rope_deltas"
     return None
 

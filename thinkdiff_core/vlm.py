@@ -547,7 +547,9 @@ def _prefill_kwargs(vlm: VlmBundle) -> dict:
 def _decode_fast(vlm: VlmBundle, inputs: dict, prefill, last_prompt_state, settings, on_token):
     """The remaining tokens through the fast engine; returns (generated_ids, hidden_states) as generate's path does."""
     model = vlm.model
-    cache = getattr(prefill, "cache", None) or getattr(prefill, "past_key_values", None)
+    cache = getattr(prefill, "cache", None)  # transformers 5.2x; earlier versions call it past_key_values
+    if cache is None:
+        cache = prefill.past_key_values
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
