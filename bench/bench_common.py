@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +73,16 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compile the decoder layers (auto: on CUDA)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager checks tracing on CPU quickly)")
     parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--warm-caches", action="store_true", help="keep inductor's and Triton's on-disk caches (first call then shows a warm start)")
+
+
+def cold_compile_caches(args) -> None:
+    """Empty inductor/Triton caches for this process, so the reported first call is a cold start (unless --warm-caches)."""
+    if args.warm_caches:
+        return
+    folder = tempfile.mkdtemp(prefix="thinkdiff-bench-compile-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
 
 
 def timed(function, device: torch.device, repeats: int):

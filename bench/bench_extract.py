@@ -23,7 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import add_engine_arguments, build_vlm, environment, fast_options, peak_memory, timed  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_engine_arguments,
+    build_vlm,
+    cold_compile_caches,
+    environment,
+    fast_options,
+    peak_memory,
+    timed,
+)
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
 from thinkdiff_core.vlm import _generate_kwargs, chat_messages, interleaved_content, prepare_inputs  # noqa: E402
@@ -68,6 +76,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     batch = args.batch or (4 if args.tiny else 32)
     num_tokens = args.num_tokens or (8 if args.tiny else 64)
+    cold_compile_caches(args)
     with tempfile.TemporaryDirectory() as workdir:
         vlm = build_vlm(args.tiny, device, Path(workdir), args.layers)
     vlm.fast_options = fast_options(args)

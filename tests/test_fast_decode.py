@@ -11,7 +11,15 @@ from torch._dynamo.utils import counters
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.fast_decode import FastDecodeOptions, FastDecoder, unsupported_reason
-from thinkdiff_core.vlm import VlmBundle, chat_messages, cobsat_content, interleaved_content, load_vlm, text_part
+from thinkdiff_core.vlm import (
+    ForcedChoice,
+    VlmBundle,
+    chat_messages,
+    cobsat_content,
+    interleaved_content,
+    load_vlm,
+    text_part,
+)
 
 
 @pytest.fixture
@@ -122,6 +130,7 @@ def test_engine_reuses_and_releases_its_buffers(tiny_vlm, conversations):
     encode_with_vlm(vlm, conversations[:1], settings, engine="fast")
     assert vlm.fast_decoder() is decoder and len(decoder._states) == 1  # same shape: same buffers
     encode_with_vlm(vlm, conversations, settings, engine="fast")
+    assert [key[1] for key in decoder._states][-1] == 4  # 3 rows run padded to a power of two
     encode_with_vlm(vlm, conversations[2:], settings, engine="fast")
     assert len(decoder._states) == 2  # at most max_graphs kept
     vlm.release_device_buffers()
@@ -158,3 +167,33 @@ def test_weights_fingerprint_follows_the_storage(tiny_qwen2vl_dir):
     down = vlm.model.model.language_model.layers[-1].mlp.down_proj
     down.weight.data = down.weight.data.clone()
     assert decoder.parts.fingerprint() != before
+
+
+def test_teacher_forcing_compares_engines_on_the_same_tokens(tiny_vlm, conversations):
+    settings = GenerationSettings(num_tokens=12, greedy=True)
+    reference = encode_with_vlm(tiny_vlm, conversations, settings, engine="generate")
+    agree = ForcedChoice(reference.generated_ids)
+    forced = encode_with_vlm(tiny_vlm, conversations, settings, engine="fast", choose=agree)
+    assert agree.disagreements() == 0 and agree.max_margin() == 0.0
+    assert_same_features(reference, forced)
+    # Forcing other tokens: the engine follows them, and its own greedy picks show where and by how much they differ.
+    other = torch.roll(reference.generated_ids, shifts=1, dims=1)
+    differ = ForcedChoice(other)
+    followed = encode_with_vlm(tiny_vlm, conversations, settings, engine="fast", choose=differ)
+    assert torch.equal(followed.generated_ids, other)
+    assert differ.disagreements() > 0 and differ.max_margin() > 0
+    with pytest.raises(ValueError, match="fast engine only"):
+        encode_with_vlm(tiny_vlm, conversations, settings, engine="generate", choose=agree)
+
+
+def test_a_failing_compile_falls_back_to_the_uncompiled_step(tiny_vlm, conversations, caplog):
+    vlm = VlmBundle(
+        model=tiny_vlm.model,
+        processor=tiny_vlm.processor,
+        source_model="tiny",
+        fast_options=FastDecodeOptions(compile=True, compile_backend="no-such-backend"),
+    )
+    settings = GenerationSettings(num_tokens=10, greedy=True)
+    fast = encode_with_vlm(vlm, conversations[:1], settings, engine="fast")
+    assert "compiling the decode step failed" in caplog.text and not vlm.fast_decoder().compiled
+    assert_same_features(encode_with_vlm(vlm, conversations[:1], settings, engine="generate"), fast)

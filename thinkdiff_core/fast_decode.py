@@ -11,13 +11,18 @@ so on a GPU a 7B VLM spends most of a step launching kernels rather than reading
   and a position per row), so a new prompt length reuses everything that was compiled or captured.
 - On CUDA the two halves of a decoder layer are `torch.compile`d once (regional compilation: every layer reuses the
   same compiled code, so the first call stays short) and the whole step is captured as one CUDA graph per
-  (batch, bucket). A step is then one graph launch, with no host synchronisation between tokens.
+  (batch, bucket). A step is then one graph launch, with no host synchronisation between tokens. Batches run padded
+  to a power of two, so shrinking batches compile for a handful of sizes. If compiling fails (no Triton, say), or
+  capture does, the same step runs uncompiled or uncaptured, with a warning.
 - Text positions after the prompt are 1-D (M-RoPE's three components are equal there), so the step applies plain
-  RoPE at position `last prompt position + 1 + k`; the prompt's position comes from transformers' `rope_deltas`.
+  RoPE at position `last prompt position + 1 + k`; the prompt's last position is read from what transformers gave
+  its rotary embedding during the prefill, whatever its version's M-RoPE bookkeeping.
 
-Greedy tokens are those of `generate`; features agree to floating-point tolerance (the attention sums run over a
-masked, bucketed cache instead of the exact length). Sampling is seeded through a private `torch.Generator`
-(exponential race, as vLLM does): deterministic for a seed, but not the same draws as `generate` for that seed.
+Greedy tokens are those of `generate` up to the order of floating-point sums (the attention runs over a masked,
+bucketed cache instead of the exact length): identical in the float32 tests; in bf16 a near-tie can break the other
+way, which is why the benchmark compares engines on the same tokens (teacher forcing, vlm.ForcedChoice). Sampling
+is seeded through a private `torch.Generator` (exponential race, as vLLM does): deterministic for a seed, but not the
+same draws as `generate` for that seed.
 
 The engine refuses (and the caller falls back to `generate`) for anything it does not reproduce exactly: models that
 are not Qwen2-VL / Qwen2.5-VL, quantized weights, sliding-window attention, another activation or rope type.
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -86,8 +92,6 @@ def unsupported_reason(model) -> str | None:
     for linear in parts.linears():
         if type(linear) is not torch.nn.Linear or not linear.weight.is_floating_point():
             return f"{type(linear).__name__} layers (quantized weights)"
-    if not hasattr(model.model, "rope_deltas"):
-        return "this transformers version keeps no rope_deltas"
     return None
 
 
@@ -157,6 +161,7 @@ class _DecoderParts:
         for layer in self.layers:
             tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         tensors += [linear.weight for linear in self.linears()]
+        tensors += [linear.bias for linear in self.linears() if linear.bias is not None]
         return tuple(t.data_ptr() for t in tensors)
 
 
@@ -196,7 +201,9 @@ class FastDecoder:
         self.kv_heads = attn.k_proj.out_features // self.head_dim
         self.scale = getattr(attn, "scaling", self.head_dim**-0.5)
         self.rope_scaling = float(getattr(self.parts.rotary, "attention_scaling", 1.0))
-        self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
+        self._states: OrderedDict[tuple[str, int, int], _State] = OrderedDict()
+        self._compile_checked = False
+        self._stream: torch.cuda.Stream | None = None  # one side stream for every capture
         self._graphs_failed = False
         self._compiled: tuple[Callable, Callable] | None = None
         self.graph_captures = 0  # for benchmarks and tests: how often a step graph was (re)captured
@@ -226,38 +233,48 @@ class FastDecoder:
         """Decode num_tokens tokens after a prefill.
 
         first_logits: (B, V) logits of the last prompt position; prompt_kv: per layer (keys, values) of the prompt,
-        (B, KVH, L, D); prompt_mask: (B, L) real prompt positions; first_positions: (B,) RoPE position of the
-        first generated token; choose(logits, k) -> (B,) token k; is_finished(ids so far) -> (B,) bool, to stop
-        early once every row has ended (checked every `check_every` tokens).
+        (B, KVH, L, D), emptied once copied so the prefill's cache can be freed; prompt_mask: (B, L) real prompt
+        positions; first_positions: (B,) RoPE position of the first generated token; choose(logits, k) -> (B,)
+        token k; is_finished(ids so far) -> (B,) bool, to stop early once every row has ended (checked every
+        `check_every` tokens).
+
+        The batch runs padded to a power of two (extra rows repeat row 0 and are dropped), so a run whose batches
+        shrink (skipped pictures) compiles and captures for a handful of sizes only.
         """
         batch, prompt_len = prompt_mask.shape
         device = first_logits.device
-        hidden_states = torch.empty(batch, num_tokens - 1, self.parts.norm.weight.shape[0], device=device, dtype=self.parts.norm.weight.dtype)
+        width = self.parts.norm.weight.shape[0]
+        hidden_states = torch.empty(batch, num_tokens - 1, width, device=device, dtype=self.parts.norm.weight.dtype)
         ids = torch.empty(batch, num_tokens, device=device, dtype=torch.long)
         ids[:, 0] = choose(first_logits.float(), 0)
         if on_token is not None:
             on_token(1)
         if num_tokens == 1:
+            prompt_kv.clear()
             return DecodeResult(ids, hidden_states, 0)
-        state = self._state(batch, prompt_len + num_tokens, device)
+        state = self._state(_padded_batch(batch), prompt_len + num_tokens, device)
+        rows = _repeat_first_row(batch, state.tokens.shape[0], device)
         for layer, (keys, values) in enumerate(prompt_kv):
-            state.keys[layer][:, :, :prompt_len].copy_(keys)
-            state.values[layer][:, :, :prompt_len].copy_(values)
+            state.keys[layer][:, :, :prompt_len].copy_(keys[rows])
+            state.values[layer][:, :, :prompt_len].copy_(values[rows])
+        prompt_kv.clear()
         state.mask.zero_()
-        state.mask[:, :prompt_len].copy_(prompt_mask.bool())
-        state.positions.copy_(first_positions)
+        state.mask[:, :prompt_len].copy_(prompt_mask.bool()[rows])
+        state.positions.copy_(first_positions[rows])
         state.slot.fill_(prompt_len)
-        steps = num_tokens - 1
+        state.tokens.copy_(ids[rows, 0])
+        self._check_compiled(state)
         graphed = self._graph_ready(state)
+        steps = num_tokens - 1
         for k in range(1, num_tokens):
-            state.tokens.copy_(ids[:, k - 1])
+            state.tokens[:batch].copy_(ids[:, k - 1])
             if graphed:
                 state.graph.replay()
                 hidden, logits = state.hidden, state.logits
             else:
                 hidden, logits = self._step(state)
-            hidden_states[:, k - 1].copy_(hidden)
-            ids[:, k] = choose(logits.float(), k)
+            hidden_states[:, k - 1].copy_(hidden[:batch])
+            ids[:, k] = choose(logits[:batch].float(), k)
             state.positions.add_(1)
             state.slot.add_(1)
             if on_token is not None:
@@ -273,12 +290,12 @@ class FastDecoder:
 
     def _state(self, batch: int, needed: int, device) -> _State:
         bucket = self.options.cache_bucket
-        key = (batch, math.ceil(needed / bucket) * bucket)
+        key = (str(device), batch, math.ceil(needed / bucket) * bucket)
         state = self._states.pop(key, None)
         if state is None:
             while len(self._states) >= self.options.max_graphs:
                 self._states.popitem(last=False)
-            state = _State(self.parts, batch, key[1], device, self.parts.norm.weight.dtype)
+            state = _State(self.parts, batch, key[2], device, self.parts.norm.weight.dtype)
         self._states[key] = state
         return state
 
@@ -294,6 +311,23 @@ class FastDecoder:
                 self._compiled = (_attention_in, _attention_out)
         return self._compiled
 
+    def _check_compiled(self, state: _State) -> None:
+        """Run one step with the compiled layers before anything relies on them: compilation happens here, outside
+        any graph capture, and if it fails (no Triton on this system, an unsupported GPU or Python) the engine
+        falls back to the same step uncompiled instead of failing the encode. The step writes at the slot the first
+        real step overwrites."""
+        if self._compile_checked:
+            return
+        try:
+            if self._layer_functions(state.tokens.device)[0] is not _attention_in:
+                self._step(state)
+        except _OUT_OF_MEMORY:
+            raise
+        except Exception as error:  # noqa: BLE001 - any compile failure: run uncompiled
+            logger.warning("compiling the decode step failed (%s); decoding uncompiled", str(error).splitlines()[0])
+            self._compiled = (_attention_in, _attention_out)
+        self._compile_checked = True
+
     def _step(self, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row through every layer; writes its keys/values at `slot` and returns (hidden, logits)."""
         parts, device = self.parts, state.tokens.device
@@ -301,7 +335,9 @@ class FastDecoder:
         x = F.embedding(state.tokens, parts.embed.weight)
         cos, sin = _rope(state.positions, parts.rotary.inv_freq, self.rope_scaling, x.dtype)
         state.mask.index_fill_(1, state.slot, True)
-        mask = state.mask[:, None, None, :]
+        # One additive mask per step in the model's dtype (SDPA would convert a boolean one in every layer).
+        mask = torch.zeros(state.mask.shape, dtype=x.dtype, device=device).masked_fill_(~state.mask, -math.inf)
+        mask = mask[:, None, None, :]
         group = self.heads // self.kv_heads
         for layer, keys, values in zip(parts.layers, state.keys, state.values):
             attn, mlp = layer.self_attn, layer.mlp
@@ -339,18 +375,23 @@ class FastDecoder:
         """Capture the step as a CUDA graph. Warm-up runs write into the cache at the current slot, which the real
         step then overwrites, and into the mask at that slot, which the real step sets anyway."""
         state.graph = None
+        device = state.tokens.device
         saved = (state.tokens.clone(), state.positions.clone(), state.slot.clone())
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile, autotune and allocate outside the capture
-                    self._step(state)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a CUDA call from another thread (ComfyUI's server polling memory) must not break capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                state.hidden, state.logits = self._step(state)
+            with torch.cuda.device(device):
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device)  # reused: each new stream would keep a cuBLAS workspace
+                self._stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(self._stream):
+                    for _ in range(2):  # autotuning and allocations happen outside the capture
+                        self._step(state)
+                torch.cuda.current_stream(device).wait_stream(self._stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a CUDA call from another thread (ComfyUI's server polling memory) must not break it
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    state.hidden, state.logits = self._step(state)
+        except _OUT_OF_MEMORY:
+            raise
         except Exception as error:  # noqa: BLE001 - any capture failure means: run the same step uncaptured
             self._graphs_failed = True
             logger.warning("CUDA graph capture failed (%s); decoding without graphs", error)
@@ -364,7 +405,23 @@ class FastDecoder:
 
 
 def _compiled(function: Callable, backend: str) -> Callable:
-    return torch.compile(function, backend=backend, fullgraph=True, dynamic=False)
+    options = None
+    if backend == "inductor":
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config, "emulate_precision_casts"):
+            # Round to bf16 between fused ops as eager does, so the step stays as close to transformers' as it can.
+            options = {"emulate_precision_casts": True}
+    return torch.compile(function, backend=backend, fullgraph=True, dynamic=False, options=options)
+
+
+def _padded_batch(batch: int) -> int:
+    return 1 << (batch - 1).bit_length()
+
+
+def _repeat_first_row(batch: int, padded: int, device) -> torch.Tensor:
+    """Row indices that fill a padded batch: the real rows, then row 0 again."""
+    return torch.cat([torch.arange(batch, device=device), torch.zeros(padded - batch, dtype=torch.long, device=device)])
 
 
 # --- the prefill's cache, across transformers versions --------------------------------------------------------------

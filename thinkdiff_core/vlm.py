@@ -465,6 +465,7 @@ def encode_with_vlm(
     keep_prompt_states: bool = False,
     add_vision_id: bool = False,
     engine: str | None = None,
+    choose: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> VlmFeatures:
     """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
 
@@ -474,7 +475,9 @@ def encode_with_vlm(
     add_vision_id: "Picture k: " labels, for the in-context (CoBSAT) layout; see prepare_inputs.
     engine: "generate" (transformers' generate), "fast" (static cache, compiled and CUDA-graphed on GPU; see
         fast_decode.py) or "auto" (fast on CUDA where supported); None: the bundle's own (vlm.engine). Greedy tokens
-        are the same either way.
+        are the same either way, up to the order of floating-point sums (bf16 near-ties can break differently).
+    choose: fast engine only, for comparisons: picks token k from the (rows, vocab) logits instead of the settings'
+        sampler, e.g. a ForcedChoice that replays another engine's tokens (teacher forcing).
     """
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
@@ -487,6 +490,8 @@ def encode_with_vlm(
     prompt_ids = inputs["input_ids"]
     _check_context_length(model, prompt_ids.shape[1], settings.num_tokens)
     engine = resolve_engine(vlm, engine or vlm.engine, device)
+    if choose is not None and engine != "fast":
+        raise ValueError("choose= works with the fast engine only")
 
     captured: list[torch.Tensor] = []
     prompt_states: list[torch.Tensor] = []
@@ -502,9 +507,11 @@ def encode_with_vlm(
     try:
         with torch.inference_mode():
             if engine == "fast":
-                prefill = model.generate(**inputs, **_prefill_kwargs(vlm))
+                first_logits, prompt_kv, first_positions = _prefill(vlm, inputs)
                 handle.remove()  # the decode steps report their states themselves
-                generated_ids, hidden_states = _decode_fast(vlm, inputs, prefill, captured[0], settings, on_token)
+                generated_ids, hidden_states = _decode_fast(
+                    vlm, inputs, first_logits, prompt_kv, first_positions, captured[0], settings, on_token, choose
+                )
             else:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     if settings.seed is not None and not settings.greedy:
@@ -544,27 +551,52 @@ def _prefill_kwargs(vlm: VlmBundle) -> dict:
     return {**kwargs, "return_dict_in_generate": True, "output_logits": True}
 
 
-def _decode_fast(vlm: VlmBundle, inputs: dict, prefill, last_prompt_state, settings, on_token):
-    """The remaining tokens through the fast engine; returns (generated_ids, hidden_states) as generate's path does."""
-    model = vlm.model
-    cache = getattr(prefill, "cache", None)  # transformers 5.2x; earlier versions call it past_key_values
+def _prefill(vlm: VlmBundle, inputs: dict) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(last prompt position's logits, per-layer prompt KV, the first generated token's RoPE position) per row.
+
+    The position is read from what transformers itself gave the language model's rotary embedding for the prompt
+    (its last position + 1: the text after a prompt continues M-RoPE from there), so it holds for every version's
+    M-RoPE bookkeeping and for left-padded rows. Only the KV tensors outlive this call, not generate's output.
+    """
+    positions: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if position_ids is not None and not positions:
+            positions.append(position_ids)
+
+    hook = vlm.fast_decoder().parts.rotary.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        output = vlm.model.generate(**inputs, **_prefill_kwargs(vlm))
+    finally:
+        hook.remove()
+    cache = getattr(output, "cache", None)  # transformers 5.2x; earlier versions call it past_key_values
     if cache is None:
-        cache = prefill.past_key_values
+        cache = output.past_key_values
+    batch, length = inputs["input_ids"].shape
+    if positions and positions[0].numel() % (batch * length) == 0:
+        first_positions = positions[0].reshape(-1, batch, length)[0, :, -1] + 1
+    else:  # transformers 5's rope_deltas count real tokens: position = real length + delta
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+        deltas = getattr(vlm.model.model, "rope_deltas", None)
+        first_positions = mask.long().sum(dim=1) + (deltas.view(-1).to(mask.device) if deltas is not None else 0)
+    return output.logits[0], cache_layers(cache), first_positions
+
+
+def _decode_fast(vlm: VlmBundle, inputs: dict, first_logits, prompt_kv, first_positions, last_prompt_state, settings, on_token, choose=None):
+    """The remaining tokens through the fast engine; returns (generated_ids, hidden_states) as generate's path does.
+    choose: the token choice (default: TokenChooser for `settings`)."""
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
-    # The first generated token's text position: transformers' rope_deltas map a row's real length to its position
-    # after the images' M-RoPE span (recipe: vector 0 is the last prompt token, positions continue from there).
-    deltas = model.model.rope_deltas
-    first_positions = mask.long().sum(dim=1) + (deltas.view(-1).to(mask.device) if deltas is not None else 0)
     eos_ids = torch.tensor(_eos_ids(vlm) or [-1], device=mask.device)
     result = vlm.fast_decoder().decode(
-        first_logits=prefill.logits[0],
-        prompt_kv=cache_layers(cache),
+        first_logits=first_logits,
+        prompt_kv=prompt_kv,
         prompt_mask=mask,
         first_positions=first_positions,
         num_tokens=settings.num_tokens,
-        choose=TokenChooser(vlm, settings, mask.device),
+        choose=choose or TokenChooser(vlm, settings, mask.device),
         on_token=on_token,
         is_finished=(lambda ids: torch.isin(ids, eos_ids).any(dim=1)) if settings.stop_at_eos else None,
     )
@@ -578,6 +610,35 @@ def _decode_fast(vlm: VlmBundle, inputs: dict, prefill, last_prompt_state, setti
             end = int((is_eos.int().argmax(dim=1) + 1).max())
             generated_ids, hidden_states = generated_ids[:, :end], hidden_states[:, :end]
     return generated_ids, hidden_states
+
+
+class ForcedChoice:
+    """Teacher forcing for comparisons: returns the given tokens step by step, and records what greedy decoding would
+    have picked from our own logits and by how much that pick beat the forced token (0 where they agree).
+
+    With `tokens` from another engine's greedy run, `disagreements()` counts the steps where our logits rank
+    differently, and `max_margin()` (relative to the top logit's size) says whether all of them are near-ties within
+    bf16 rounding (below about 2**-7) or real differences."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+        self.greedy: list[torch.Tensor] = []
+        self.margins: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        forced = self.tokens[:, index].to(logits.device)
+        best = logits.argmax(dim=-1)
+        top = logits.gather(1, best[:, None]).squeeze(1)
+        self.greedy.append(best)
+        # relative to the logit's size: bf16 keeps 8 bits, so margins under ~2**-7 are within its rounding
+        self.margins.append((top - logits.gather(1, forced[:, None]).squeeze(1)) / top.abs().clamp_min(1.0))
+        return forced
+
+    def disagreements(self) -> int:
+        return int((torch.stack(self.greedy, dim=1).cpu() != self.tokens[:, : len(self.greedy)].cpu()).sum())
+
+    def max_margin(self) -> float:
+        return float(torch.stack(self.margins).max()) if self.margins else 0.0
 
 
 class TokenChooser:
@@ -615,7 +676,7 @@ class TokenChooser:
             remove[..., -1:] = False  # keep at least one token
             logits = logits.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
         probs = logits.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(torch.finfo(probs.dtype).tiny)
         return (probs / race).argmax(dim=-1)
 
 
