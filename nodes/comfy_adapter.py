@@ -176,12 +176,22 @@ def empty_cache() -> None:
 
 
 class _Holder(torch.nn.Module):
-    """Wraps a model for ModelPatcher, which sets `.device` (read-only on transformers models)."""
+    """Wraps a model for ModelPatcher, which sets `.device` (read-only on transformers models).
 
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+    on_move is called whenever ComfyUI moves the weights as a whole (evicting the model for FLUX, say): what the core
+    keeps on the device for them (the fast engine's KV caches and CUDA graphs) is then stale and given back too."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, on_move: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.wrapped = module
         self.device = device
+        self.on_move = on_move
+
+    def _apply(self, fn, recurse=True):
+        moved = super()._apply(fn, recurse)
+        if self.on_move is not None:
+            self.on_move()
+        return moved
 
 
 @dataclass
@@ -205,9 +215,8 @@ def manage(model: Any, module: torch.nn.Module, load_device: torch.device, movab
     handle = ManagedModel(model=model, module=module, load_device=load_device, offload_device=offload, movable=movable)
     if IN_COMFYUI and movable:
         size = sum(p.numel() * p.element_size() for p in module.parameters())
-        handle.patcher = comfy.model_patcher.ModelPatcher(
-            _Holder(module, offload), load_device=load_device, offload_device=offload, size=size
-        )
+        holder = _Holder(module, offload, on_move=getattr(model, "release_device_buffers", None))
+        handle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload, size=size)
     return handle
 
 
