@@ -215,6 +215,22 @@ def test_standin_workflow_runs_through_flux_sampler(server, standins):
     )
 
 
+def test_fast_engine_runs_under_comfyuis_executor(server, standins):
+    """The loader's engine set to "fast" (what "auto" picks on a GPU): the LVLM workflow runs through ComfyUI's model
+    management, progress and FLUX sampler to a saved image, greedy, with the same text as engine "generate"."""
+    texts = {}
+    for engine in ("fast", "generate"):
+        prompt = standin_prompt(standins)
+        prompt[node_id(prompt, "ThinkDiffVLMLoader")]["inputs"]["engine"] = engine
+        prompt[node_id(prompt, "ThinkDiffVLMEncode")]["inputs"].update(greedy=True, num_tokens=24)
+        entry = run_prompt(server, prompt)
+        assert entry["status"]["status_str"] == "success", f"{server.execution_error(entry)}\n{server.log_tail()}"
+        images = entry["outputs"][node_id(prompt, "SaveImage")]["images"]
+        assert len(images) == 1 and (server.home.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        texts[engine] = entry["outputs"][node_id(prompt, "ThinkDiffVLMEncode")]["text"][0]
+    assert texts["fast"] == texts["generate"] and texts["fast"]
+
+
 @pytest.mark.parametrize("name", [CLIP_STYLE, CLIP_COMPOSE, THREE_MODES])
 def test_new_workflows_run_through_flux_sampler(server, standins, name):
     """ThinkDiff-CLIP (one and two pictures, prepend, text_tokens 128) and the three-modes workflow (all three
