@@ -193,6 +193,21 @@ def test_gathered_loss_equals_t5s_own_loss(tiny_t5, pad_to_multiple):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_the_step_never_asks_the_device_for_a_python_value(tiny_t5, monkeypatch):
+    """No host synchronisation inside the loss: on a GPU a `bool(tensor)` or `.item()` there would make the CPU wait
+    for every step before queueing the next. transformers asks `mask.all()` of a 2D padding mask, hence the 4D one."""
+    aligner = train_aligner.ThinkDiffAligner(train_aligner.AlignerSpec("lvlm", input_dim=64, output_dim=32))
+    batch, frozen = padded_batch(8), FrozenModels(tiny_t5, TargetCrossEntropy(tiny_t5))
+    asked = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original: asked.append(_name) or _original(self, *a))
+    loss_sum, count = token_losses(aligner, frozen, batch)
+    (loss_sum / 25).backward()
+    monkeypatch.undo()
+    assert asked == []
+
+
 def test_padding_to_a_multiple_pads_with_masked_slots_only():
     plain, padded = padded_batch(1), padded_batch(8)
     assert plain["features"].shape[1] == 11 and padded["features"].shape[1] == 16

@@ -506,6 +506,13 @@ def compile_frozen_models(frozen: FrozenModels, backend: str = "inductor") -> No
     frozen.target_loss.compile(backend=backend, dynamic=True)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, S) padding mask as the (B, 1, 1, S) additive mask transformers uses as given. From a 2D mask it would
+    first ask the GPU whether there is any padding at all (`mask.all()` in Python), a host synchronisation on every
+    step that leaves the GPU idle while the CPU queues the next one."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token cross-entropies, number of target tokens) of the frozen T5 decoder for one batch.
 
@@ -521,7 +528,7 @@ def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tens
             # (B, 65, width)
             image_tokens = encode_images(frozen.vision, batch["pixel_values"], frozen.downsample_factor)
             text_states = t5.encoder(
-                input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"]
+                input_ids=batch["prompt_ids"], attention_mask=additive_mask(batch["prompt_mask"], t5.dtype)
             ).last_hidden_state
         aligned_images = aligner(image_tokens.float())
         aligned = torch.cat(
@@ -533,7 +540,7 @@ def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tens
     states = t5.decoder(
         input_ids=t5.prepare_decoder_input_ids_from_labels(labels=labels),
         encoder_hidden_states=aligned.to(t5.dtype),
-        encoder_attention_mask=mask,
+        encoder_attention_mask=additive_mask(mask, t5.dtype),
         use_cache=False,
     ).last_hidden_state  # (B, T, d_model)
     loss_sum = frozen.target_loss(
@@ -818,7 +825,7 @@ def main(argv: list[str] | None = None) -> ThinkDiffAligner:
     )
     image_tokens = getattr(train_set, "image_tokens", 0)
     counts = torch.zeros(5, dtype=torch.long)  # batch_counts() since the last synchronised step, on the CPU
-    run_slots = torch.zeros(4)  # real and total encoder and target token slots of this run, for the closing note
+    run_slots = torch.zeros(4, dtype=torch.float64)  # real and total encoder and target token slots of this run, for the closing note
     started, interval_started, interval_steps = time.time(), time.perf_counter(), 0
     model.train()
     for step in range(start_step + 1, config.max_steps + 1):
