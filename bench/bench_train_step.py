@@ -28,7 +28,6 @@ import contextlib
 import copy
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -318,23 +317,28 @@ def rates(seconds: float, samples: int, flops: float, peak_tflops: float) -> dic
 
 
 def time_reference_shapes(path: StepPath, batch: dict, repeats: int, setup: Setup) -> tuple[float, float | None]:
-    """(median step time, peak memory in GiB) on the reference batch, after one warm-up step."""
+    """(mean step time, peak memory in GiB) on the reference batch, after one warm-up step. The steps run back to
+    back with one synchronisation around them all, as in training: the CPU queues a step while the GPU runs the last,
+    so a step that makes the host wait for the device shows up as slower."""
     train_step(path, batch, setup)
     reset_peak_memory(setup.device)
-    times = [timed(lambda: train_step(path, batch, setup), setup.device) for _ in range(repeats)]
-    return statistics.median(times), peak_memory_gib(setup.device)
+    seconds = timed(lambda: [train_step(path, batch, setup) for _ in range(repeats)], setup.device)
+    return seconds / repeats, peak_memory_gib(setup.device)
 
 
 def time_mix(path: StepPath, batches: list, multiple: int, count: int, warmup: int, setup: Setup) -> dict:
     """Time `count` batches of a length-mix order after `warmup` untimed ones (kernels, shapes)."""
     shape, width = setup.shape, setup.width
-    seconds, graphs = 0.0, compiled_graphs()
-    for number, lengths in enumerate(batches[: warmup + count]):
-        if number == warmup:
-            graphs = compiled_graphs()
-        batch = to_device(make_batch(lengths, width, shape["vocab_size"], multiple, setup.seed + number), setup.device)
-        took = timed(lambda: train_step(path, batch, setup), setup.device)
-        seconds += took if number >= warmup else 0.0
+
+    def staged(number: int, lengths) -> dict:
+        return to_device(make_batch(lengths, width, shape["vocab_size"], multiple, setup.seed + number), setup.device)
+
+    for number, lengths in enumerate(batches[:warmup]):
+        train_step(path, staged(number, lengths), setup)
+    graphs = compiled_graphs()
+    # Batches staged on the device beforehand, then the steps back to back with one synchronisation (as above).
+    ready = [staged(warmup + number, lengths) for number, lengths in enumerate(batches[warmup : warmup + count])]
+    seconds = timed(lambda: [train_step(path, batch, setup) for batch in ready], setup.device)
     timed_batches = batches[warmup : warmup + count]
     executed = sum(batch_flops(lengths, shape, width, multiple) for lengths in timed_batches)
     useful = sum(batch_flops(lengths, shape, width) for lengths in timed_batches)
