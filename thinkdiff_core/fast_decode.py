@@ -324,7 +324,8 @@ class FastDecoder:
         except _OUT_OF_MEMORY:
             raise
         except Exception as error:  # noqa: BLE001 - any compile failure: run uncompiled
-            logger.warning("compiling the decode step failed (%s); decoding uncompiled", str(error).splitlines()[0])
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            logger.warning("compiling the decode step failed (%s); decoding uncompiled", first_line)
             self._compiled = (_attention_in, _attention_out)
         self._compile_checked = True
 
