@@ -34,7 +34,7 @@ from bench_common import (  # noqa: E402
 )
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
-from thinkdiff_core.vlm import _generate_kwargs, chat_messages, interleaved_content, prepare_inputs  # noqa: E402
+from thinkdiff_core.vlm import _generate_kwargs, chat_messages, interleaved_content, model_inputs  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
 SHAPES = ("square", "circle", "triangle")
@@ -65,7 +65,7 @@ def conversations(batch: int, size: int) -> list[list[dict]]:
 
 def reference_generate(vlm, rows, settings: GenerationSettings):
     """Plain batched generate: the same prompts, processors and token count, no states kept."""
-    inputs = {k: v.to(vlm.model.device) if isinstance(v, torch.Tensor) else v for k, v in prepare_inputs(vlm, rows).items()}
+    inputs = model_inputs(vlm, rows)
     with torch.inference_mode():
         out = vlm.model.generate(**inputs, **_generate_kwargs(vlm, settings, None))
     return out[:, inputs["input_ids"].shape[1] :]

@@ -39,7 +39,7 @@ from bench_common import (  # noqa: E402
 )
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
-from thinkdiff_core.vlm import ForcedChoice, chat_messages, cobsat_content, prepare_inputs  # noqa: E402
+from thinkdiff_core.vlm import ForcedChoice, _generate_kwargs, chat_messages, cobsat_content, model_inputs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,22 +54,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def reference_encode(vlm, messages, num_tokens: int):
-    """The plain way: every layer's states for every step, then the last layer picked out (official alignment)."""
-    inputs = {k: v.to(vlm.model.device) if isinstance(v, torch.Tensor) else v for k, v in prepare_inputs(vlm, [messages], add_vision_id=True).items()}
+def reference_encode(vlm, messages, settings: GenerationSettings):
+    """The plain way: generate with every layer's states for every step, then the last layer picked out (official
+    alignment); the same generation settings as ours."""
+    inputs = model_inputs(vlm, [messages], add_vision_id=True)
     with torch.inference_mode():
         out = vlm.model.generate(
-            **inputs,
-            max_new_tokens=num_tokens,
-            min_new_tokens=num_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            repetition_penalty=1.0,
-            suppress_tokens=[vlm.model.config.image_token_id, vlm.model.config.video_token_id, vlm.model.config.vision_start_token_id, vlm.model.config.vision_end_token_id],
-            output_hidden_states=True,
-            return_dict_in_generate=True,
+            **inputs, **_generate_kwargs(vlm, settings, None), output_hidden_states=True, return_dict_in_generate=True
         )
     states = [out.hidden_states[0][-1][:, -1:]] + [step[-1] for step in out.hidden_states[1:]]
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.cat(states, dim=1)
@@ -92,7 +83,7 @@ def main(argv=None) -> dict:
 
     ours_call = lambda: encode_with_vlm(vlm, messages, settings, add_vision_id=True, engine="fast")  # noqa: E731
     hook_call = lambda: encode_with_vlm(vlm, messages, settings, add_vision_id=True, engine="generate")  # noqa: E731
-    reference_call = lambda: reference_encode(vlm, messages, num_tokens)  # noqa: E731
+    reference_call = lambda: reference_encode(vlm, messages, settings)  # noqa: E731
     reference_call()  # warm-up of the device, kernels and allocator, so the first fast call shows its own cost
     counters.clear()
     first_call_s, _ = timed(ours_call, device, 1)  # compile + graph capture + one encode

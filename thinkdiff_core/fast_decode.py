@@ -68,8 +68,7 @@ class FastDecodeOptions:
 @dataclass
 class DecodeResult:
     generated_ids: torch.Tensor  # (batch, tokens)
-    hidden_states: torch.Tensor  # (batch, tokens, hidden): vector k is the state that produced token k
-    steps: int  # decode steps run (tokens - 1 unless every row ended early)
+    hidden_states: torch.Tensor  # (batch, tokens - 1, hidden): the states of the decode steps, one per fed token
 
 
 def unsupported_reason(model) -> str | None:
@@ -251,7 +250,7 @@ class FastDecoder:
             on_token(1)
         if num_tokens == 1:
             prompt_kv.clear()
-            return DecodeResult(ids, hidden_states, 0)
+            return DecodeResult(ids, hidden_states)
         state = self._state(_padded_batch(batch), prompt_len + num_tokens, device)
         rows = _repeat_first_row(batch, state.tokens.shape[0], device)
         for layer, (keys, values) in enumerate(prompt_kv):
@@ -284,7 +283,7 @@ class FastDecoder:
             if is_finished is not None and k % self.options.check_every == 0 and bool(is_finished(ids[:, : k + 1]).all()):
                 steps = k
                 break
-        return DecodeResult(ids[:, : steps + 1], hidden_states[:, :steps], steps)
+        return DecodeResult(ids[:, : steps + 1], hidden_states[:, :steps])
 
     # --- internals ----------------------------------------------------------------------------------------------
 

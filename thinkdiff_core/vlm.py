@@ -122,7 +122,6 @@ class VlmBundle:
     path: Path | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     engine: str = "auto"  # the default decode engine of encode_with_vlm
-    quantization: str = "none"
     fast_options: FastDecodeOptions = field(default_factory=FastDecodeOptions)
     _fast: FastDecoder | None = field(default=None, init=False, repr=False)
 
@@ -292,7 +291,6 @@ def load_vlm(
         path=path,
         max_image_pixels=max_image_pixels,
         engine=engine,
-        quantization=quantization,
     )
 
 
@@ -436,6 +434,17 @@ def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_visi
     return dict(inputs)
 
 
+def model_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_vision_id: bool = False) -> dict:
+    """prepare_inputs, on the model's device, with the pixels in the vision tower's dtype: what generate is given."""
+    model = vlm.model
+    device = next(model.parameters()).device
+    inputs = prepare_inputs(vlm, conversations, add_vision_id=add_vision_id)
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
+    return inputs
+
+
 ENGINES = ("auto", "fast", "generate")
 
 
@@ -482,11 +491,8 @@ def encode_with_vlm(
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
     model = vlm.model
-    inputs = prepare_inputs(vlm, conversations, add_vision_id=add_vision_id)
+    inputs = model_inputs(vlm, conversations, add_vision_id=add_vision_id)
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
     prompt_ids = inputs["input_ids"]
     _check_context_length(model, prompt_ids.shape[1], settings.num_tokens)
     engine = resolve_engine(vlm, engine or vlm.engine, device)
@@ -589,7 +595,8 @@ def _decode_fast(vlm: VlmBundle, inputs: dict, first_logits, prompt_kv, first_po
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
-    eos_ids = torch.tensor(_eos_ids(vlm) or [-1], device=mask.device)
+    eos_list = _eos_ids(vlm)
+    eos_ids = torch.tensor(eos_list or [-1], device=mask.device)
     result = vlm.fast_decoder().decode(
         first_logits=first_logits,
         prompt_kv=prompt_kv,
@@ -605,7 +612,7 @@ def _decode_fast(vlm: VlmBundle, inputs: dict, first_logits, prompt_kv, first_po
     if settings.stop_at_eos:  # as generate: pad after a row's EOS, stop where every row has ended
         is_eos = torch.isin(generated_ids, eos_ids)
         after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-        generated_ids = generated_ids.masked_fill(after_eos, _pad_id(vlm, _eos_ids(vlm)))
+        generated_ids = generated_ids.masked_fill(after_eos, _pad_id(vlm, eos_list))
         if bool(is_eos.any(dim=1).all()):
             end = int((is_eos.int().argmax(dim=1) + 1).max())
             generated_ids, hidden_states = generated_ids[:, :end], hidden_states[:, :end]
@@ -649,8 +656,7 @@ class TokenChooser:
     def __init__(self, vlm: VlmBundle, settings: GenerationSettings, device: torch.device) -> None:
         self.settings = settings
         self.min_tokens = 1 if settings.stop_at_eos else settings.num_tokens
-        vision = [getattr(vlm.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
-        self.suppress = torch.tensor([t for t in vision if t is not None], dtype=torch.long, device=device)
+        self.suppress = torch.tensor(_vision_token_ids(vlm), dtype=torch.long, device=device)
         self.eos = torch.tensor(_eos_ids(vlm), dtype=torch.long, device=device)
         self.generator = None
         if not settings.greedy:
@@ -705,6 +711,12 @@ def _eos_ids(vlm: VlmBundle) -> list[int]:
 _VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
+def _vision_token_ids(vlm: VlmBundle) -> list[int]:
+    """The model's vision placeholder ids: never a valid answer, so both engines suppress them."""
+    ids = [getattr(vlm.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
+    return [token for token in ids if token is not None]
+
+
 def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> dict:
     transformers = import_transformers()
     eos_ids = _eos_ids(vlm)
@@ -720,9 +732,8 @@ def _generate_kwargs(vlm: VlmBundle, settings: GenerationSettings, on_token) -> 
     }
     # Vision placeholders are never a valid answer; a real VLM gives them ~0 probability, tiny random ones do not,
     # and a generated <|image_pad|> would break any later forward pass over the sequence.
-    vision_tokens = [getattr(vlm.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
-    if any(token is not None for token in vision_tokens):
-        kwargs["suppress_tokens"] = [token for token in vision_tokens if token is not None]
+    if vision_tokens := _vision_token_ids(vlm):
+        kwargs["suppress_tokens"] = vision_tokens
     if settings.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

@@ -115,14 +115,12 @@ def llava_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int
 
 def qwen2vl_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int = 512):
     """A Qwen2-VL judge (the project's VLM loader), greedy; not the official judge, agreement unmeasured."""
-    from ..vlm import chat_messages, image_part, load_vlm, prepare_inputs, text_part
+    from ..vlm import chat_messages, image_part, load_vlm, model_inputs, text_part
 
     vlm = load_vlm(path, dtype=dtype, device=device)
 
     def ask(image: Image.Image, question: str) -> str:
-        inputs = prepare_inputs(vlm, [chat_messages([image_part(image), text_part(question)])])
-        inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = model_inputs(vlm, [chat_messages([image_part(image), text_part(question)])])
         eos = vlm.model.generation_config.eos_token_id
         with torch.inference_mode():
             output = vlm.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos)
