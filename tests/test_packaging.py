@@ -78,3 +78,16 @@ def test_ruff_finds_nothing():
         pytest.skip("ruff is not installed (it is in requirements-dev.txt)")
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_pack_entry_imports_as_a_plain_module_too():
+    """pytest imports the checkout's __init__.py as a plain module when the folder name is not a Python name (a clone
+    into mktemp's 'tmp.XXXX'); it must still give the node mappings there, as it does as ComfyUI's package."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("thinkdiff_checkout_entry", str(ROOT / "__init__.py"))
+    spec = importlib.util.spec_from_loader(loader.name, loader, is_package=False)  # a module, not a package
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.__package__ and "ThinkDiffVLMEncode" in module.NODE_CLASS_MAPPINGS
