@@ -19,13 +19,17 @@ ThinkDiff-CLIP (recipe sections 7, 10): BLIP-2's vision tower gives 65 tokens pe
 to T5 space, and they go *before* the text's T5 tokens trimmed to 128 (ComfyUI pads T5 to 256, the recipe to 128):
 193 tokens for one picture, 258 for two; pooled = CLIP-L of the text; same FLUX settings.
 
-`widgets_values` are positional, in the order of each node's INPUT_TYPES (nodes/*.py, ComfyUI's nodes.py); the
-frontend stores an extra value after an INT with control_after_generate (the seeds) and an "upload" value for
-LoadImage. Those UI-only values are marked `ui_only` below and left out of the API format; PreviewAny's text box is the
-reverse (`api_only`). A widget fed by a link (the VLM's text into CLIPTextEncodeFlux) keeps its value in
-widgets_values and gets an input entry {"name", "type", "widget": {"name"}, "link"} after the node's sockets, as the
-frontend saves it; the API format has [node, slot] for it. tests/integration/test_browser.py checks every file
-against what the real frontend makes of it.
+`widgets_values` are positional, in the order of each node's INPUT_TYPES. For this pack's nodes the builder reads
+that order, the defaults, the sockets and the outputs from the node classes themselves (nodes/, `pack_node`); a
+workflow states only what it means to set (model file names, the recipe's values), and naming a widget the node does
+not have is an error. ComfyUI's core nodes cannot be imported without ComfyUI, so their widgets are written out by
+hand below, as ComfyUI's nodes.py defines them. The frontend stores an extra value after an INT with
+control_after_generate (the seeds) and an "upload" value for LoadImage. Those UI-only values are marked `ui_only` and
+left out of the API format; PreviewAny's text box is the reverse (`api_only`). A widget fed by a link (the VLM's text
+into CLIPTextEncodeFlux) keeps its value in widgets_values and gets an input entry {"name", "type", "widget":
+{"name"}, "link"} after the node's sockets, as the frontend saves it; the API format has [node, slot] for it.
+tests/test_workflow_builder.py checks that the committed files are what this builder makes of the current node
+classes; tests/integration/test_browser.py checks every file against what the real frontend makes of it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nodes import NODE_CLASS_MAPPINGS
 from workflows.pictures import INPUT_IMAGES
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
@@ -173,114 +178,120 @@ def wire(wiring: list[tuple[Node, int, Node, str]]) -> list[Link]:
     return [Link(index, src, slot, dst, name) for index, (src, slot, dst, name) in enumerate(wiring, start=1)]
 
 
-# --- nodes shared by the workflows ----------------------------------------------------------------------------------
+class WorkflowSpecError(ValueError):
+    """A workflow description that does not fit the node classes (an unknown widget, a missing value)."""
 
 
-def load_image(id: int, pos: tuple[int, int], image: str, title: str, size: tuple[int, int] = (220, 350)) -> Node:
+# --- ThinkDiff nodes: widgets, sockets and outputs read from the node classes ---------------------------------------
+
+# ComfyUI's V1 API: an input whose type is a list of choices (a combo) or one of these types is a widget; any other type
+# (THINKDIFF_VLM, IMAGE, CONDITIONING, ...) is a socket. `forceInput` makes a widget type a socket.
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# Saved after every INT with control_after_generate (the seeds): fixed, so a workflow reproduces the recipe's picture.
+CONTROL_AFTER_GENERATE = "fixed"
+
+
+def input_specs(node_type: str) -> list[tuple[str, tuple]]:
+    """(input name, type spec) of a pack node, in INPUT_TYPES order: required, then optional (hidden is never saved)."""
+    input_types = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    return [item for section in ("required", "optional") for item in input_types.get(section, {}).items()]
+
+
+def spec_options(spec: tuple) -> dict:
+    return spec[1] if len(spec) > 1 else {}
+
+
+def is_widget(spec: tuple) -> bool:
+    kind = spec[0]
+    return (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not spec_options(spec).get("forceInput")
+
+
+def pack_widgets(node_type: str, values: dict[str, object]) -> list[Widget]:
+    """The widgets of pack node `node_type` in INPUT_TYPES order, each with its value in `values` or else the node's
+    default; a seed's control_after_generate follows it (UI only)."""
+    specs = input_specs(node_type)
+    widget_names = [name for name, spec in specs if is_widget(spec)]
+    for name in values:
+        if name not in widget_names:
+            sockets = [socket for socket, spec in specs if not is_widget(spec)]
+            kind = "a socket (fed by a link)" if name in sockets else "not an input"
+            raise WorkflowSpecError(
+                f"{node_type} has no widget '{name}' ({kind}); its widgets are {', '.join(widget_names)}. "
+                f"Match the workflow to INPUT_TYPES in nodes/."
+            )
+    widgets = []
+    for name, spec in specs:
+        if not is_widget(spec):
+            continue
+        options = spec_options(spec)
+        if name in values:
+            value = values[name]
+        elif "default" in options:
+            value = options["default"]
+        else:  # a combo of the user's model files: the workflow must name the file it was made for
+            raise WorkflowSpecError(f"{node_type}.{name} has no default; state its value in the workflow")
+        choices = spec[0]
+        if isinstance(choices, (list, tuple)) and "default" in options and value not in choices:
+            raise WorkflowSpecError(f"{node_type}.{name} = {value!r} is not one of its choices {list(choices)}")
+        widgets.append(Widget(name, value))
+        if options.get("control_after_generate"):
+            widgets.append(Widget("control_after_generate", CONTROL_AFTER_GENERATE, ui_only=True))
+    return widgets
+
+
+def pack_node(
+    id: int,
+    node_type: str,
+    pos: tuple[int, int],
+    size: tuple[int, int],
+    values: dict[str, object] | None = None,
+    title: str | None = None,
+    models: list[dict] | None = None,
+) -> Node:
+    """A ThinkDiff node whose widgets, sockets and outputs are those of its class; `values` are the widgets the
+    workflow sets (every other widget keeps the node's default)."""
+    node_class = NODE_CLASS_MAPPINGS[node_type]
     return Node(
         id,
-        "LoadImage",
+        node_type,
         pos,
         size,
-        [Widget("image", image), Widget("upload", "image", ui_only=True)],
-        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        pack_widgets(node_type, values or {}),
+        sockets=[(name, spec[0]) for name, spec in input_specs(node_type) if not is_widget(spec)],
+        outputs=list(zip(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES), node_class.RETURN_TYPES)),
+        models=models or [],
         title=title,
     )
 
 
 def aligner_loader(id: int, pos: tuple[int, int], name: str) -> Node:
-    return Node(
-        id,
-        "ThinkDiffAlignerLoader",
-        pos,
-        (340, 60),
-        [Widget("aligner", name)],
-        outputs=[("aligner", "THINKDIFF_ALIGNER")],
-        models=[{"name": name, "url": f"{HF}/Mifucius/ThinkDiff/resolve/main/{name}", "directory": "thinkdiff"}],
-    )
+    models = [{"name": name, "url": f"{HF}/Mifucius/ThinkDiff/resolve/main/{name}", "directory": "thinkdiff"}]
+    return pack_node(id, "ThinkDiffAlignerLoader", pos, (340, 60), {"aligner": name}, models=models)
 
 
 def vlm_loader(id: int, pos: tuple[int, int]) -> Node:
-    return Node(
-        id,
-        "ThinkDiffVLMLoader",
-        pos,
-        (340, 230),
-        [
-            Widget("model", "Qwen2-VL-7B-Instruct"),
-            Widget("dtype", "auto"),
-            Widget("device", "auto"),
-            Widget("attention", "sdpa"),
-            Widget("trust_remote_code", False),
-            Widget("engine", "auto"),
-            Widget("quantization", "none"),
-        ],
-        outputs=[("vlm", "THINKDIFF_VLM")],
-        # No properties.models here: the VLM is a folder, and the frontend compares hints with single files, so a
-        # hint would always report it missing. The Read-me note gives the download command.
-    )
+    # No properties.models here: the VLM is a folder, and the frontend compares hints with single files, so a hint
+    # would always report it missing. The Read-me note gives the download command.
+    return pack_node(id, "ThinkDiffVLMLoader", pos, (340, 230), {"model": "Qwen2-VL-7B-Instruct"})
 
 
 def vlm_encode(id: int, pos: tuple[int, int]) -> Node:
-    """The in-context example: image 1 goes with "red", image 2 with "blue", the query is "green"."""
-    return Node(
-        id,
-        "ThinkDiffVLMEncode",
-        pos,
-        (340, 340),
-        [
-            Widget("prompt", "red\nblue\ngreen"),
-            Widget("layout", "in-context words"),
-            Widget("num_tokens", 128),
-            Widget("seed", 42),
-            Widget("control_after_generate", "fixed", ui_only=True),
-            Widget("temperature", 0.6),
-            Widget("top_p", 0.9),
-            Widget("greedy", False),
-            Widget("keep_model_loaded", False),
-        ],
-        sockets=[
-            ("vlm", "THINKDIFF_VLM"),
-            ("image_1", "IMAGE"),
-            ("image_2", "IMAGE"),
-            ("image_3", "IMAGE"),
-            ("image_4", "IMAGE"),
-        ],
-        outputs=[("features", "THINKDIFF_FEATURES"), ("text", "STRING")],
-    )
+    """The in-context example: image 1 goes with "red", image 2 with "blue", the query is "green"; 128 tokens (recipe
+    section 4). These are stated even where the node's default agrees: they are what the workflow is about."""
+    values = {"prompt": "red\nblue\ngreen", "layout": "in-context words", "num_tokens": 128}
+    return pack_node(id, "ThinkDiffVLMEncode", pos, (340, 340), values)
 
 
 VISION_ENCODER = "blip2_vision_tower.safetensors"  # made by `python -m thinkdiff_core extract-vision`; no public URL
 
 
 def vision_loader(id: int, pos: tuple[int, int]) -> Node:
-    return Node(
-        id,
-        "ThinkDiffVisionLoader",
-        pos,
-        (340, 110),
-        [Widget("encoder", VISION_ENCODER), Widget("dtype", "auto"), Widget("device", "auto")],
-        outputs=[("vision", "THINKDIFF_VISION")],
-        # No properties.models: the extracted file is made locally (no URL to offer); the Read-me note says how.
-    )
+    # No properties.models: the extracted file is made locally (no URL to offer); the Read-me note says how.
+    return pack_node(id, "ThinkDiffVisionLoader", pos, (340, 110), {"encoder": VISION_ENCODER})
 
 
 def vision_encode(id: int, pos: tuple[int, int]) -> Node:
-    return Node(
-        id,
-        "ThinkDiffVisionEncode",
-        pos,
-        (340, 170),
-        [Widget("token_grid", "8x8 (65 tokens, recipe)")],
-        sockets=[
-            ("vision", "THINKDIFF_VISION"),
-            ("image_1", "IMAGE"),
-            ("image_2", "IMAGE"),
-            ("image_3", "IMAGE"),
-            ("image_4", "IMAGE"),
-        ],
-        outputs=[("features", "THINKDIFF_FEATURES")],
-    )
+    return pack_node(id, "ThinkDiffVisionEncode", pos, (340, 170))
 
 
 def thinkdiff_conditioning(
@@ -291,18 +302,23 @@ def thinkdiff_conditioning(
     title: str | None = None,
     size: tuple[int, int] = (340, 150),
 ) -> Node:
+    values = {"mode": mode, "text_tokens": text_tokens}
+    return pack_node(id, "ThinkDiffConditioning", pos, size, values, title=title)
+
+
+# --- ComfyUI core nodes: widgets written out by hand --------------------------------------------------------------
+# ComfyUI is not importable here, so these restate its nodes' INPUT_TYPES (nodes.py, comfy_extras/): their names,
+# order and UI-only extras are ComfyUI's contract. tests/integration/test_browser.py checks them in the real frontend.
+
+
+def load_image(id: int, pos: tuple[int, int], image: str, title: str, size: tuple[int, int] = (220, 350)) -> Node:
     return Node(
         id,
-        "ThinkDiffConditioning",
+        "LoadImage",
         pos,
         size,
-        [Widget("mode", mode), Widget("strength", 1.0), Widget("text_tokens", text_tokens)],
-        sockets=[
-            ("aligner", "THINKDIFF_ALIGNER"),
-            ("features", "THINKDIFF_FEATURES"),
-            ("conditioning", "CONDITIONING"),
-        ],
-        outputs=[("CONDITIONING", "CONDITIONING")],
+        [Widget("image", image), Widget("upload", "image", ui_only=True)],
+        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
         title=title,
     )
 
@@ -789,16 +805,23 @@ def thinkdiff_three_modes() -> Workflow:
 WORKFLOWS = [thinkdiff_lvlm_in_context, thinkdiff_clip_style, thinkdiff_clip_compose, thinkdiff_three_modes]
 
 
+def workflow_files() -> dict[str, str]:
+    """The text of every workflow file, keyed by its path under workflows/: {name}.json and api/{name}.api.json."""
+    files = {}
+    for build in WORKFLOWS:
+        workflow = build()
+        files[f"{workflow.name}.json"] = json.dumps(workflow.ui(), indent=2, ensure_ascii=False) + "\n"
+        files[f"api/{workflow.name}.api.json"] = json.dumps(workflow.api(), indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
 def main() -> int:
     (WORKFLOWS_DIR / "api").mkdir(exist_ok=True)
     (WORKFLOWS_DIR / "input").mkdir(exist_ok=True)
-    for build in WORKFLOWS:
-        workflow = build()
-        ui_path = WORKFLOWS_DIR / f"{workflow.name}.json"
-        api_path = WORKFLOWS_DIR / "api" / f"{workflow.name}.api.json"
-        ui_path.write_text(json.dumps(workflow.ui(), indent=2, ensure_ascii=False) + "\n")
-        api_path.write_text(json.dumps(workflow.api(), indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {ui_path.relative_to(WORKFLOWS_DIR.parent)} and {api_path.relative_to(WORKFLOWS_DIR.parent)}")
+    for relative, text in workflow_files().items():
+        path = WORKFLOWS_DIR / relative
+        path.write_text(text)
+        print(f"wrote {path.relative_to(WORKFLOWS_DIR.parent)}")
     for name, draw in INPUT_IMAGES.items():
         path = WORKFLOWS_DIR / "input" / name
         draw().save(path, optimize=True)
