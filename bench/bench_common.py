@@ -6,18 +6,18 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from thinkdiff_core import standin  # noqa: E402
-from thinkdiff_core.fast_decode import FastDecodeOptions  # noqa: E402
-from thinkdiff_core.vlm import load_vlm  # noqa: E402
+from thinkdiff_core import fast_path, standin
+from thinkdiff_core.capture import FinalNormCapture
+from thinkdiff_core.fast_decode import FastDecodeOptions
+from thinkdiff_core.generation import GenerationSettings
+from thinkdiff_core.vlm import model_inputs
+from thinkdiff_core.vlm_loader import VlmBundle, load_vlm
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
 QWEN2_VL_7B_TEXT = dict(
@@ -125,3 +125,50 @@ def environment(device: torch.device) -> dict:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+# --- teacher forcing: both engines judged on the very same tokens -------------------------------------------------
+
+
+class ForcedChoice:
+    """Teacher forcing for comparisons: returns the given tokens step by step, and records what greedy decoding would
+    have picked from our own logits and by how much that pick beat the forced token (0 where they agree).
+
+    With `tokens` from another engine's greedy run, `disagreements()` counts the steps where our logits rank
+    differently, and `max_margin()` (relative to the top logit's size) says whether all of them are near-ties within
+    bf16 rounding (below about 2**-7) or real differences."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+        self.greedy: list[torch.Tensor] = []
+        self.margins: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        forced = self.tokens[:, index].to(logits.device)
+        best = logits.argmax(dim=-1)
+        top = logits.gather(1, best[:, None]).squeeze(1)
+        self.greedy.append(best)
+        # relative to the logit's size: bf16 keeps 8 bits, so margins under ~2**-7 are within its rounding
+        self.margins.append((top - logits.gather(1, forced[:, None]).squeeze(1)) / top.abs().clamp_min(1.0))
+        return forced
+
+    def disagreements(self) -> int:
+        return int((torch.stack(self.greedy, dim=1).cpu() != self.tokens[:, : len(self.greedy)].cpu()).sum())
+
+    def max_margin(self) -> float:
+        return float(torch.stack(self.margins).max()) if self.margins else 0.0
+
+
+def teacher_forced(
+    vlm: VlmBundle, conversations: list, settings: GenerationSettings, tokens: torch.Tensor, add_vision_id: bool = False
+) -> tuple[ForcedChoice, torch.Tensor, torch.Tensor]:
+    """The fast engine fed `tokens` (another engine's greedy output) instead of its own choices.
+
+    Returns the ForcedChoice (our greedy pick and margin at every step), the ids it followed and the final-norm states
+    of exactly those tokens, to compare with the other engine's states."""
+    inputs = model_inputs(vlm, conversations, add_vision_id=add_vision_id)
+    forced = ForcedChoice(tokens)
+    capture = FinalNormCapture(vlm.model)
+    with torch.inference_mode(), capture:
+        ids, states = fast_path.decode(vlm, inputs, settings, forced, capture)
+    return forced, ids, states

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     add_engine_arguments,
     build_vlm,
     cold_compile_caches,
@@ -33,8 +29,10 @@ from bench_common import (  # noqa: E402
     timed,
 )
 
-from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
-from thinkdiff_core.vlm import _generate_kwargs, chat_messages, interleaved_content, model_inputs  # noqa: E402
+from thinkdiff_core import GenerationSettings, encode_with_vlm, standin
+from thinkdiff_core.generation import generate_kwargs
+from thinkdiff_core.prompts import chat_messages, interleaved_content
+from thinkdiff_core.vlm import model_inputs
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
 SHAPES = ("square", "circle", "triangle")
@@ -67,7 +65,7 @@ def reference_generate(vlm, rows, settings: GenerationSettings):
     """Plain batched generate: the same prompts, processors and token count, no states kept."""
     inputs = model_inputs(vlm, rows)
     with torch.inference_mode():
-        out = vlm.model.generate(**inputs, **_generate_kwargs(vlm, settings, None))
+        out = vlm.model.generate(**inputs, **generate_kwargs(vlm, settings, None))
     return out[:, inputs["input_ids"].shape[1] :]
 
 
@@ -99,7 +97,7 @@ def main(argv=None) -> dict:
             "prompt_tokens_padded": int(ours.prompt_ids.shape[1]),
             "generated_tokens_per_row": num_tokens,
         },
-        "engine": {"compiled": vlm.fast_decoder().compiled, "graph_captures": vlm.fast_decoder().graph_captures},
+        "engine": {"compiled": vlm.fast_decoder().compiled, "captured_graphs": vlm.fast_decoder().captured_graphs},
         "reference": "batched generate (no hidden states)",
         "reference_s": round(reference_time, 4),
         "ours_s": round(ours_time, 4),

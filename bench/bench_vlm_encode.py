@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     add_engine_arguments,
     allocated_after_release,
     build_vlm,
@@ -35,11 +30,15 @@ from bench_common import (  # noqa: E402
     environment,
     fast_options,
     peak_memory,
+    teacher_forced,
     timed,
 )
+from torch._dynamo.utils import counters
 
-from thinkdiff_core import GenerationSettings, encode_with_vlm, standin  # noqa: E402
-from thinkdiff_core.vlm import ForcedChoice, _generate_kwargs, chat_messages, cobsat_content, model_inputs  # noqa: E402
+from thinkdiff_core import GenerationSettings, encode_with_vlm, standin
+from thinkdiff_core.generation import generate_kwargs
+from thinkdiff_core.prompts import chat_messages, cobsat_content
+from thinkdiff_core.vlm import model_inputs
 
 
 def parse_args(argv=None):
@@ -60,7 +59,7 @@ def reference_encode(vlm, messages, settings: GenerationSettings):
     inputs = model_inputs(vlm, [messages], add_vision_id=True)
     with torch.inference_mode():
         out = vlm.model.generate(
-            **inputs, **_generate_kwargs(vlm, settings, None), output_hidden_states=True, return_dict_in_generate=True
+            **inputs, **generate_kwargs(vlm, settings, None), output_hidden_states=True, return_dict_in_generate=True
         )
     states = [out.hidden_states[0][-1][:, -1:]] + [step[-1] for step in out.hidden_states[1:]]
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.cat(states, dim=1)
@@ -96,9 +95,8 @@ def main(argv=None) -> dict:
     # Free-running greedy runs split at the first near-tie that bf16 sums break differently; after that their states
     # belong to other tokens. So the agreement is judged with our engine fed the reference's tokens (teacher forcing):
     # its own greedy pick at every step, and the states of the very same tokens.
-    forced = ForcedChoice(reference_ids)
-    teacher = encode_with_vlm(vlm, messages, settings, add_vision_id=True, engine="fast", choose=forced)
-    difference = (teacher.hidden_states.float() - reference_states.float()).abs()
+    forced, _, teacher_states = teacher_forced(vlm, [messages], settings, reference_ids, add_vision_id=True)
+    difference = (teacher_states.float() - reference_states.float()).abs()
     mismatch = (ours.generated_ids.cpu() != reference_ids.cpu()).any(dim=0).nonzero()
     peak = {"reference": peak_memory(device, reference_call), "ours": peak_memory(device, ours_call)}
     decoder = vlm.fast_decoder()
@@ -114,8 +112,8 @@ def main(argv=None) -> dict:
         },
         "engine": {
             "compiled": decoder.compiled,
-            "cuda_graphs": decoder.graph_captures > 0,
-            "graph_captures": decoder.graph_captures,
+            "cuda_graphs": decoder.captured_graphs > 0,
+            "captured_graphs": decoder.captured_graphs,
         },
         "reference": "generate(output_hidden_states=True), last layer picked",
         "reference_s": round(reference_time, 4),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from thinkdiff_core import align_features, build_flux_conditioning
-from thinkdiff_core.conditioning import MODES
+from thinkdiff_core.conditioning import PLACEMENTS
 
 from . import comfy_adapter as adapter
 
@@ -25,7 +25,7 @@ class ThinkDiffConditioning:
             "required": {
                 "aligner": ("THINKDIFF_ALIGNER",),
                 "features": ("THINKDIFF_FEATURES",),
-                "mode": (list(MODES), {"default": "replace"}),
+                "mode": (list(PLACEMENTS), {"default": "replace"}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Scales the aligned tokens."}),
             },
             "optional": {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm
-from thinkdiff_core.vlm import LAYOUTS, chat_messages, layout_content, pil_images_from_tensor
+from thinkdiff_core.images import pil_images_from_tensor
+from thinkdiff_core.prompts import LAYOUTS, chat_messages, layout_content
 
 from . import comfy_adapter as adapter
 

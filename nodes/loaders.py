@@ -5,17 +5,16 @@ from __future__ import annotations
 import torch
 
 from thinkdiff_core import load_aligner, load_vlm
-from thinkdiff_core.vlm import ATTENTION_BACKENDS, ENGINES, QUANTIZATIONS
+from thinkdiff_core.dtypes import DTYPE_CHOICES, torch_dtype
+from thinkdiff_core.vlm_loader import ATTENTION_BACKENDS, ENGINES, QUANTIZATIONS
 
 from . import comfy_adapter as adapter
-
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The loader widgets' device and dtype; "auto" dtype is bfloat16 where supported."""
     load_device = adapter.compute_device(device)
-    return load_device, DTYPES[dtype] or adapter.default_dtype(load_device)
+    return load_device, adapter.default_dtype(load_device) if dtype == "auto" else torch_dtype(dtype)
 
 
 class ThinkDiffVLMLoader:
@@ -33,7 +32,7 @@ class ThinkDiffVLMLoader:
         return {
             "required": {
                 "model": (adapter.list_vlm_folders(), {"tooltip": "A model folder (config.json + *.safetensors) in models/LLM."}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 where supported. float16 can overflow."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: bfloat16 where supported. float16 can overflow."}),
                 "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "sdpa", "tooltip": "Falls back to sdpa, then eager, if unavailable."}),
                 "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": "Run Python code shipped in the model folder. Only for folders you trust."}),

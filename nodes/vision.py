@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from thinkdiff_core.dtypes import DTYPE_CHOICES
 from thinkdiff_core.vision import TOKEN_GRIDS, encode_vision_features, load_vision_encoder
 
 from . import comfy_adapter as adapter
-from .loaders import DTYPES, device_and_dtype
+from .loaders import device_and_dtype
 
 MAX_IMAGES = 4
 
@@ -26,7 +27,7 @@ class ThinkDiffVisionLoader:
         return {
             "required": {
                 "encoder": (adapter.list_vision_encoders(), {"tooltip": "BLIP-2 folder or extracted vision-tower file."}),
-                "dtype": (list(DTYPES), {"default": "auto"}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto"}),
                 "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
             }
         }

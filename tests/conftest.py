@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from thinkdiff_core import standin  # noqa: E402
-from thinkdiff_core.vlm import load_vlm  # noqa: E402
+from thinkdiff_core.vlm_loader import load_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

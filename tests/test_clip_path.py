@@ -9,8 +9,8 @@ import torch
 from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, save_aligner, standin
 from thinkdiff_core.errors import AlignerMismatchError, ModelFolderError
+from thinkdiff_core.images import image_tensor_from_pil
 from thinkdiff_core.vision import extract_vision_tower, is_vision_tower_file, load_vision_encoder
-from thinkdiff_core.vlm import image_tensor_from_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,19 +7,13 @@ models the engine does not reproduce. CUDA graph capture itself needs a GPU: ben
 
 import pytest
 import torch
+from bench_common import teacher_forced
 from torch._dynamo.utils import counters
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.fast_decode import FastDecodeOptions, FastDecoder, unsupported_reason
-from thinkdiff_core.vlm import (
-    ForcedChoice,
-    VlmBundle,
-    chat_messages,
-    cobsat_content,
-    interleaved_content,
-    load_vlm,
-    text_part,
-)
+from thinkdiff_core.prompts import chat_messages, cobsat_content, interleaved_content, text_part
+from thinkdiff_core.vlm_loader import VlmBundle, load_vlm
 
 
 @pytest.fixture
@@ -172,18 +166,16 @@ def test_weights_fingerprint_follows_the_storage(tiny_qwen2vl_dir):
 def test_teacher_forcing_compares_engines_on_the_same_tokens(tiny_vlm, conversations):
     settings = GenerationSettings(num_tokens=12, greedy=True)
     reference = encode_with_vlm(tiny_vlm, conversations, settings, engine="generate")
-    agree = ForcedChoice(reference.generated_ids)
-    forced = encode_with_vlm(tiny_vlm, conversations, settings, engine="fast", choose=agree)
+    agree, ids, states = teacher_forced(tiny_vlm, conversations, settings, reference.generated_ids)
     assert agree.disagreements() == 0 and agree.max_margin() == 0.0
-    assert_same_features(reference, forced)
+    assert torch.equal(ids, reference.generated_ids)
+    mask = valid_mask(reference)
+    assert (states - reference.hidden_states).abs()[mask].max() < 1e-5
     # Forcing other tokens: the engine follows them, and its own greedy picks show where and by how much they differ.
     other = torch.roll(reference.generated_ids, shifts=1, dims=1)
-    differ = ForcedChoice(other)
-    followed = encode_with_vlm(tiny_vlm, conversations, settings, engine="fast", choose=differ)
-    assert torch.equal(followed.generated_ids, other)
+    differ, followed, _ = teacher_forced(tiny_vlm, conversations, settings, other)
+    assert torch.equal(followed, other)
     assert differ.disagreements() > 0 and differ.max_margin() > 0
-    with pytest.raises(ValueError, match="fast engine only"):
-        encode_with_vlm(tiny_vlm, conversations, settings, engine="generate", choose=agree)
 
 
 def test_a_failing_compile_falls_back_to_the_uncompiled_step(tiny_vlm, conversations, caplog):

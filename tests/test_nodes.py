@@ -19,7 +19,7 @@ from thinkdiff_core.errors import (
     PromptError,
     ThinkDiffError,
 )
-from thinkdiff_core.vlm import image_tensor_from_pil
+from thinkdiff_core.images import image_tensor_from_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,20 +199,22 @@ def test_quantized_load_errors_name_the_fix(standalone_models):
     loader = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]()
     with pytest.raises(ThinkDiffError, match="CUDA GPU only.*quantization 'none'"):
         loader.load("tiny-qwen2-vl", "float32", "cpu", "sdpa", False, "auto", "8-bit")
-    from thinkdiff_core.vlm import _quantization_kwargs, import_transformers
+    from thinkdiff_core.hf_compat import import_transformers
+    from thinkdiff_core.vlm_loader import quantization_kwargs
 
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(MissingDependencyError, match="pip install bitsandbytes"):
-            _quantization_kwargs(import_transformers(), "4-bit", torch.bfloat16, torch.device("cuda", 0))
+            quantization_kwargs(import_transformers(), "4-bit", torch.bfloat16, torch.device("cuda", 0))
     with pytest.raises(ValueError, match="quantization must be one of"):
-        _quantization_kwargs(import_transformers(), "3-bit", torch.bfloat16, torch.device("cpu"))
+        quantization_kwargs(import_transformers(), "3-bit", torch.bfloat16, torch.device("cpu"))
 
 
 def test_moving_the_managed_weights_releases_the_engine_buffers(tiny_qwen2vl_dir, shape_images):
     """ComfyUI evicts a model by moving its ModelPatcher's module (our holder) as a whole; the fast engine's KV
     caches and graphs are stale after that and must not stay behind on the device."""
     from thinkdiff_core import GenerationSettings, encode_with_vlm
-    from thinkdiff_core.vlm import chat_messages, interleaved_content, load_vlm
+    from thinkdiff_core.prompts import chat_messages, interleaved_content
+    from thinkdiff_core.vlm_loader import load_vlm
 
     vlm = load_vlm(tiny_qwen2vl_dir, dtype=torch.float32, device="cpu", engine="fast")
     encode_with_vlm(vlm, chat_messages(interleaved_content("<image> what is it", shape_images[:1])), GenerationSettings(num_tokens=4, greedy=True))

@@ -18,15 +18,11 @@ from PIL import Image
 from nodes import NODE_CLASS_MAPPINGS
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.errors import ModelFolderError, PromptError
-from thinkdiff_core.vlm import (
-    VlmOutOfMemoryError,
-    chat_messages,
-    final_norm,
-    fit_pixel_budget,
-    image_tensor_from_pil,
-    interleaved_content,
-    load_vlm,
-)
+from thinkdiff_core.hf_compat import final_norm
+from thinkdiff_core.images import fit_pixel_budget, image_tensor_from_pil
+from thinkdiff_core.prompts import chat_messages, interleaved_content
+from thinkdiff_core.vlm import VlmOutOfMemoryError
+from thinkdiff_core.vlm_loader import load_vlm
 
 
 @pytest.fixture

@@ -5,17 +5,10 @@ import torch
 
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.errors import ModelFolderError, PromptError
-from thinkdiff_core.vlm import (
-    COBSAT_QUESTION,
-    chat_messages,
-    cobsat_content,
-    fit_pixel_budget,
-    interleaved_content,
-    layout_content,
-    load_vlm,
-    pil_images_from_tensor,
-    prepare_inputs,
-)
+from thinkdiff_core.images import fit_pixel_budget, pil_images_from_tensor
+from thinkdiff_core.prompts import COBSAT_QUESTION, chat_messages, cobsat_content, interleaved_content, layout_content
+from thinkdiff_core.vlm import prepare_inputs
+from thinkdiff_core.vlm_loader import load_vlm
 
 
 def full_forward_final_states(vlm, messages, generated_ids):

@@ -18,8 +18,8 @@ from PIL import Image
 
 from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, flux, save_aligner, standin
+from thinkdiff_core.images import image_tensor_from_pil
 from thinkdiff_core.vision import extract_vision_tower
-from thinkdiff_core.vlm import image_tensor_from_pil
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_FILES = sorted((WORKFLOWS / "api").glob("*.api.json"))

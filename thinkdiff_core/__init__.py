@@ -8,7 +8,10 @@ from .aligner import AlignerSpec, ThinkDiffAligner, init_norm_from_t5
 from .checkpoints import convert_official, load_aligner, read_metadata, save_aligner
 from .conditioning import align_features, build_flux_conditioning, to_diffusers_embeds
 from .errors import ThinkDiffError
-from .vlm import GenerationSettings, VlmFeatures, cobsat_content, encode_with_vlm, interleaved_content, load_vlm
+from .generation import GenerationSettings
+from .prompts import cobsat_content, interleaved_content
+from .vlm import VlmFeatures, encode_with_vlm
+from .vlm_loader import load_vlm
 
 __all__ = [
     "AlignerSpec",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import convert_official, read_metadata
+from .dtypes import DTYPE_CHOICES, torch_dtype
 from .errors import ThinkDiffError
 
 LAYOUT_ALIASES = {
@@ -56,7 +57,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--flux", required=True, help="diffusers FLUX folder or cached repo id (black-forest-labs/FLUX.1-dev)"
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument(
         "--cpu-offload", action="store_true", help="keep FLUX parts on the CPU until used (less GPU memory)"
     )
@@ -99,7 +100,7 @@ def add_generate_parser(commands) -> None:
 def generation_settings(args: argparse.Namespace):
     """GenerationSettings from the sampling flags; bad values become a PromptError naming the flag."""
     from .errors import PromptError
-    from .vlm import GenerationSettings
+    from .generation import GenerationSettings
 
     try:
         return GenerationSettings(
@@ -119,8 +120,8 @@ def run_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .errors import PromptError
-    from .pipeline import default_device, generate, load_models, parse_dtype
-    from .vlm import layout_content
+    from .pipeline import default_device, generate, load_models
+    from .prompts import layout_content
 
     if args.size % 16:
         raise PromptError(
@@ -139,7 +140,7 @@ def run_generate(args: argparse.Namespace) -> None:
     images = [Image.open(path).convert("RGB") for path in args.image]
     content = layout_content(layout, prompt, images)
     device = args.device or default_device()
-    dtype = parse_dtype(args.dtype, device)
+    dtype = torch_dtype(args.dtype, device)
     models = load_models(
         args.vlm,
         args.flux,

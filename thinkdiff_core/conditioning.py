@@ -16,7 +16,7 @@ from .aligner import ThinkDiffAligner
 from .errors import AlignerMismatchError, FeatureError
 from .vlm import VlmFeatures
 
-MODES = ("replace", "append", "prepend")
+PLACEMENTS = ("replace", "append", "prepend")  # where the aligned tokens go relative to the base's tokens
 POOLED_WIDTH = 768  # CLIP-L pooled width FLUX.1 expects
 DEFAULT_GUIDANCE = 3.5  # recipe section 10
 
@@ -99,8 +99,8 @@ def build_flux_conditioning(
     text_tokens > 0 keeps only the first text_tokens tokens of each base entry: ComfyUI pads T5 text to at least
     256 tokens, the official ThinkDiff-CLIP inference to 128 (recipe section 10), so 128 reproduces the recipe.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in PLACEMENTS:
+        raise ValueError(f"mode must be one of {PLACEMENTS}, got {mode!r}")
     if aligned.dim() != 3:
         raise FeatureError(f"aligned tokens must be (batch, tokens, width), got shape {tuple(aligned.shape)}")
     if not base:

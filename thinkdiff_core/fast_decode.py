@@ -20,7 +20,7 @@ so on a GPU a 7B VLM spends most of a step launching kernels rather than reading
 
 Greedy tokens are those of `generate` up to the order of floating-point sums (the attention runs over a masked,
 bucketed cache instead of the exact length): identical in the float32 tests; in bf16 a near-tie can break the other
-way, which is why the benchmark compares engines on the same tokens (teacher forcing, vlm.ForcedChoice). Sampling
+way, which is why the benchmark compares engines on the same tokens (teacher forcing). Sampling
 is seeded through a private `torch.Generator` (exponential race, as vLLM does): deterministic for a seed, but not the
 same draws as `generate` for that seed.
 
@@ -205,7 +205,6 @@ class FastDecoder:
         self._stream: torch.cuda.Stream | None = None  # one side stream for every capture
         self._graphs_failed = False
         self._compiled: tuple[Callable, Callable] | None = None
-        self.graph_captures = 0  # for benchmarks and tests: how often a step graph was (re)captured
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -213,6 +212,11 @@ class FastDecoder:
     def compiled(self) -> bool:
         """Whether the layer halves run compiled (known after the first decode step)."""
         return self._compiled is not None and self._compiled[0] is not _attention_in
+
+    @property
+    def captured_graphs(self) -> int:
+        """How many step graphs are held (one per batch size and cache bucket in use, each with its KV cache)."""
+        return sum(state.graph is not None for state in self._states.values())
 
     def release(self) -> None:
         """Drop KV caches and captured graphs (compiled code stays; it holds no device memory)."""
@@ -401,7 +405,6 @@ class FastDecoder:
             state.positions.copy_(saved[1])
             state.slot.copy_(saved[2])
         state.graph, state.fingerprint = graph, fingerprint
-        self.graph_captures += 1
 
 
 def _compiled(function: Callable, backend: str) -> Callable:
@@ -423,14 +426,3 @@ def _repeat_first_row(batch: int, padded: int, device) -> torch.Tensor:
     """Row indices that fill a padded batch: the real rows, then row 0 again."""
     return torch.cat([torch.arange(batch, device=device), torch.zeros(padded - batch, dtype=torch.long, device=device)])
 
-
-# --- the prefill's cache, across transformers versions --------------------------------------------------------------
-
-
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values) of a transformers cache, each (B, KVH, L, D)."""
-    if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(keys, values) for keys, values in cache]  # legacy tuple of tuples

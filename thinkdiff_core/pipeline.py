@@ -32,11 +32,14 @@ from .checkpoints import load_aligner
 from .conditioning import DEFAULT_GUIDANCE, align_features, build_flux_conditioning
 from .errors import MissingDependencyError, ModelFolderError
 from .flux import empty_prompt_conditioning, render, text_conditioning
-from .vlm import GenerationSettings, VlmBundle, chat_messages, encode_with_vlm, load_vlm
+from .generation import GenerationSettings
+from .prompts import chat_messages
+from .vlm import encode_with_vlm
+from .vlm_loader import VlmBundle, load_vlm
 
 logger = logging.getLogger(__name__)
 
-MODES = ("thinkdiff", "text", "hybrid")
+RENDER_MODES = ("thinkdiff", "text", "hybrid")  # what FLUX is given: aligned tokens, the VLM's text, or both
 # T5 length of the text part: FLUX-dev's own default for text prompts, and ThinkDiff-CLIP's 128 when the text follows
 # aligned tokens (recipe section 10).
 TEXT_MAX_SEQUENCE_LENGTH = {"text": 512, "hybrid": 128}
@@ -218,8 +221,8 @@ def mode_conditioning(
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in RENDER_MODES:
+        raise ValueError(f"mode must be one of {RENDER_MODES}, got {mode!r}")
 
 
 # --- one generation ----------------------------------------------------------------------------------------------
@@ -273,10 +276,3 @@ def generate(
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def parse_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]

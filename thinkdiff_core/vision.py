@@ -26,7 +26,8 @@ from PIL import Image
 
 from .errors import ModelFolderError, PromptError
 from .files import write_atomic
-from .vlm import dtype_kwargs, import_transformers, pil_images_from_tensor
+from .hf_compat import dtype_kwargs, import_transformers
+from .images import pil_images_from_tensor
 
 logger = logging.getLogger(__name__)
 

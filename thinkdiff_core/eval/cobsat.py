@@ -16,10 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from ..dtypes import DTYPE_CHOICES, torch_dtype
 from ..errors import PromptError, ThinkDiffError
+from ..pipeline import RENDER_MODES
 from .benchmark import SHOTS, TASKS, prompts, task_by_id
-
-MODES = ("thinkdiff", "text", "hybrid")
 
 
 def parse_tasks(text: str) -> list[int]:
@@ -42,7 +42,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output root ({out}/{mode}/shot_{k}/task_{t}/...)")
     parser.add_argument("--tasks", type=parse_tasks, default=list(TASKS), help="'1-10' (default), '1,2' or 'all'")
     parser.add_argument("--shots", type=int, nargs="+", default=[2, 4], choices=SHOTS)
-    parser.add_argument("--modes", nargs="+", default=["thinkdiff"], choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["thinkdiff"], choices=RENDER_MODES)
     parser.add_argument(
         "--limit", type=int, default=None, help="only the first N prompts of each task (default all 1000)"
     )
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     judge.add_argument("--judge-max-tokens", type=int, default=512, help="MLLM reply length (the benchmark: 512)")
     judge.add_argument("--device", default=None)
-    judge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    judge.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
 
     report = commands.add_parser(
         "report", help="per-task table (Markdown, CSV) beside the paper's numbers, and a bar chart"
@@ -104,7 +104,7 @@ def command_prompts(args: argparse.Namespace) -> None:
 
 def command_run(args: argparse.Namespace) -> None:
     from ..__main__ import generation_settings
-    from ..pipeline import load_models, parse_dtype
+    from ..pipeline import load_models
     from .runner import RenderSettings, check_dataset, process_rank, run, work_items
 
     if args.size % 16:
@@ -118,7 +118,7 @@ def command_run(args: argparse.Namespace) -> None:
     check_dataset(args.data_root, items)
     process_index, num_processes, accelerate_device = process_rank()
     device = args.device or accelerate_device
-    dtype = parse_dtype(args.dtype, device)
+    dtype = torch_dtype(args.dtype, device)
     factory = lambda: load_models(  # noqa: E731
         args.vlm,
         args.flux,
@@ -138,13 +138,13 @@ def command_run(args: argparse.Namespace) -> None:
 
 
 def command_judge(args: argparse.Namespace) -> None:
-    from ..pipeline import default_device, parse_dtype
+    from ..pipeline import default_device
     from .judges import load_judge
     from .runner import work_items
     from .score import judge_items
 
     device = args.device or default_device()
-    judge = load_judge(args.judge, args.judge_model, device, parse_dtype(args.dtype, device), args.judge_max_tokens)
+    judge = load_judge(args.judge, args.judge_model, device, torch_dtype(args.dtype, device), args.judge_max_tokens)
     summaries = judge_items(
         judge, work_items(args.tasks, args.shots, args.modes, args.limit), args.out, not args.no_progress
     )

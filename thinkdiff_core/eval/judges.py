@@ -92,10 +92,10 @@ class MllmJudge:
 
 def llava_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int = 512):
     """LLaVA-1.5 in transformers' format (llava-hf/llava-1.5-13b-hf); temperature 0, one beam, as the benchmark."""
-    from ..vlm import _transformers_at_least, import_transformers
+    from ..hf_compat import import_transformers, transformers_at_least
 
     transformers = import_transformers()
-    dtype_argument = "dtype" if _transformers_at_least(transformers, "4.56.0") else "torch_dtype"
+    dtype_argument = "dtype" if transformers_at_least(transformers, "4.56.0") else "torch_dtype"
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(
         path, local_files_only=True, **{dtype_argument: dtype}
@@ -115,7 +115,9 @@ def llava_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int
 
 def qwen2vl_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int = 512):
     """A Qwen2-VL judge (the project's VLM loader), greedy; not the official judge, agreement unmeasured."""
-    from ..vlm import chat_messages, image_part, load_vlm, model_inputs, text_part
+    from ..prompts import chat_messages, image_part, text_part
+    from ..vlm import model_inputs
+    from ..vlm_loader import load_vlm
 
     vlm = load_vlm(path, dtype=dtype, device=device)
 

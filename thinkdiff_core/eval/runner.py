@@ -22,7 +22,8 @@ from PIL import Image
 
 from ..errors import PromptError
 from ..files import write_atomic
-from ..vlm import GenerationSettings, cobsat_content
+from ..generation import GenerationSettings
+from ..prompts import cobsat_content
 from .benchmark import CobsatPrompt, prompts, task_by_id
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,77 @@
+"""transformers, across versions: the lazy import, renamed arguments, model classes and layouts.
+
+Every place where the pack depends on how a transformers version names or lays something out is here, so a new
+version is handled in one file. transformers is imported lazily (`import thinkdiff_core` works without it), and a
+missing class names the version needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import MissingDependencyError
+
+MIN_TRANSFORMERS_FOR = {"qwen2_vl": "4.45.0", "qwen2_5_vl": "4.49.0"}
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise MissingDependencyError("the VLM needs the 'transformers' package: pip install 'transformers>=4.45'") from error
+    return transformers
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword for the weights' dtype: `dtype` from transformers 4.56, `torch_dtype` before."""
+    transformers = import_transformers()
+    return {"dtype" if transformers_at_least(transformers, "4.56.0") else "torch_dtype": dtype}
+
+
+def transformers_at_least(transformers, version: str) -> bool:
+    from packaging.version import Version
+
+    return Version(transformers.__version__.split("+")[0]) >= Version(version)
+
+
+def model_class(transformers, model_type: str):
+    """The transformers class for a VLM config's model_type (Qwen2-VL, Qwen2.5-VL, else the image-text auto class)."""
+    names = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    }
+    name = names.get(model_type, "AutoModelForImageTextToText")
+    found = getattr(transformers, name, None)
+    if found is None:
+        needed = MIN_TRANSFORMERS_FOR.get(model_type, "4.50.0")
+        raise MissingDependencyError(
+            f"transformers {transformers.__version__} has no {name} (model type '{model_type}'). "
+            f"Install transformers >= {needed}: pip install -U 'transformers>={needed}'"
+        )
+    return found
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The language model's final norm, whose output is the state ThinkDiff uses."""
+    for getter in (
+        lambda m: m.model.language_model.norm,  # transformers 5 (and 4.5x) Qwen2-VL layout
+        lambda m: m.model.norm,  # transformers 4.4x Qwen2-VL layout
+        lambda m: m.language_model.model.norm,
+        lambda m: m.get_decoder().norm,
+    ):
+        try:
+            module = getter(model)
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise MissingDependencyError(f"cannot find the final norm of {type(model).__name__}; this model type is not supported yet.")
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) of a transformers cache, each (B, KVH, L, D)."""
+    if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(keys, values) for keys, values in cache]  # legacy tuple of tuples

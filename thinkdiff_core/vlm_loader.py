@@ -1,0 +1,188 @@
+"""Loading the reasoning VLM from a local Hugging Face folder, and the bundle the rest of the pack passes around.
+
+Never downloads. Refuses folders that would run their own code unless the user consents, falls back along the
+attention backends, and loads 8-bit / 4-bit weights through bitsandbytes when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError
+from .fast_decode import FastDecodeOptions, FastDecoder
+from .hf_compat import dtype_kwargs, final_norm, import_transformers, model_class
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+QUANTIZATIONS = ("none", "8-bit", "4-bit")
+ENGINES = ("auto", "fast", "generate")  # decode engines, see vlm.encode_with_vlm
+_VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+@dataclass
+class VlmBundle:
+    """A loaded VLM: the transformers model, its processor and where it came from."""
+
+    model: Any
+    processor: Any
+    source_model: str
+    path: Path | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    engine: str = "auto"  # the default decode engine of encode_with_vlm
+    fast_options: FastDecodeOptions = field(default_factory=FastDecodeOptions)
+    _fast: FastDecoder | None = field(default=None, init=False, repr=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return final_norm(self.model).weight.shape[0]
+
+    def fast_decoder(self) -> FastDecoder:
+        """The fast engine for this model, made once: its compiled code and CUDA graphs are reused across calls."""
+        if self._fast is None or self._fast.model is not self.model:
+            self._fast = FastDecoder(self.model, self.fast_options)
+        return self._fast
+
+    def release_device_buffers(self) -> None:
+        """Give back what the fast engine holds on the device (KV caches, graphs); the model itself is untouched."""
+        if self._fast is not None:
+            self._fast.release()
+
+    def eos_ids(self) -> list[int]:
+        """The end-of-turn token ids generation stops at (the generation config's, else the tokenizer's)."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.processor.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def pad_id(self) -> int:
+        """The id that pads rows after their EOS (the tokenizer's pad token, else the first EOS)."""
+        pad = self.processor.tokenizer.pad_token_id
+        return pad if pad is not None else (self.eos_ids() or [0])[0]
+
+    def vision_token_ids(self) -> list[int]:
+        """The model's vision placeholder ids: never a valid answer, so both engines suppress them."""
+        ids = [getattr(self.model.config, name, None) for name in _VISION_TOKEN_FIELDS]
+        return [token for token in ids if token is not None]
+
+
+def load_vlm(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    quantization: str = "none",
+    engine: str = "auto",
+) -> VlmBundle:
+    """Load a Hugging Face format VLM folder (config.json, weights, processor files). Never downloads.
+
+    The attention backend falls back from flash_attention_2 to sdpa to eager when one is not available.
+    quantization: "8-bit" or "4-bit" (NF4) loads the weights through bitsandbytes, straight onto a CUDA `device`, for
+        12-16 GB cards; such weights cannot move between devices afterwards, and they decode with generate.
+    engine: the bundle's default decode engine (see encode_with_vlm).
+    """
+    path = check_model_folder(path)
+    _refuse_remote_code(path, trust_remote_code)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    transformers = import_transformers()
+    quantized = quantization_kwargs(transformers, quantization, dtype, torch.device(device))
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    vlm_class = model_class(transformers, config.model_type)
+    backends = ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :] if attn_implementation in ATTENTION_BACKENDS else (attn_implementation, "sdpa", "eager")
+    last_error: Exception | None = None
+    for backend in dict.fromkeys(backends):
+        try:
+            model = vlm_class.from_pretrained(
+                path,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=backend,
+                **dtype_kwargs(dtype),
+                **quantized,
+            )
+            break
+        except (ImportError, ValueError) as error:
+            if not _is_attention_error(error):
+                raise
+            logger.warning("attention backend %s is not available (%s); trying the next one", backend, error)
+            last_error = error
+    else:
+        raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return VlmBundle(
+        model=model,
+        processor=processor,
+        source_model=path.name,
+        path=path,
+        max_image_pixels=max_image_pixels,
+        engine=engine,
+    )
+
+
+def quantization_kwargs(transformers, quantization: str, dtype: torch.dtype, device: torch.device) -> dict:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return {}
+    if device.type != "cuda":
+        raise ThinkDiffError(
+            f"{quantization} loading runs on a CUDA GPU only (bitsandbytes), but the VLM is to load on {device}. "
+            "Choose quantization 'none' for a cpu load, or load on a cuda device."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{quantization} loading needs the bitsandbytes package: pip install bitsandbytes "
+            "(in ComfyUI's Python), then restart. Or choose quantization 'none'."
+        ) from error
+    if quantization == "8-bit":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Raise ModelFolderError unless `path` is a folder with a config.json and weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(
+            f"VLM folder '{path}' does not exist. Put the Hugging Face model folder (e.g. Qwen2-VL-7B-Instruct, "
+            f"with config.json and *.safetensors) under models/LLM/."
+        )
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"'{path}' has no config.json: it is not a complete Hugging Face model folder. Download the whole repository.")
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
+    if not weights:
+        raise ModelFolderError(f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too.")
+    return path
+
+
+def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A folder whose config maps classes to its own .py files would run that code: only with explicit consent."""
+    config = json.loads((path / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelFolderError(
+            f"'{path.name}' ships its own Python code (auto_map in config.json: {sorted(config['auto_map'])}); it was "
+            f"not run. Qwen2-VL needs no custom code: use the official folder, or switch trust_remote_code on in the "
+            f"loader only if you trust where this folder came from."
+        )
+
+
+def _is_attention_error(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("attn", "attention", "flash", "sdpa"))
