@@ -7,24 +7,22 @@ text is gibberish and the image is noise. What the run shows is the real plumbin
     ThinkDiff VLM Loader, ThinkDiff Aligner Loader, empty-prompt FLUX text encode -> (base conditioning)
     -> FLUX sampler (here diffusers' FluxPipeline on a tiny transformer) -> PNG
 
-Usage: python scripts/demo.py [--output-dir demo_output]
+Usage, from the checkout root: python -m scripts.demo [--output-dir demo_output]  (bash scripts/demo.sh does this in the
+project's venv; run as a module so that the pack's `nodes` package imports, as it does inside ComfyUI)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nodes import NODE_CLASS_MAPPINGS, comfy_adapter  # noqa: E402
-from thinkdiff_core import flux, save_aligner, standin  # noqa: E402
-from thinkdiff_core.vlm import image_tensor_from_pil  # noqa: E402
+from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
+from thinkdiff_core import flux, save_aligner, standin
+from thinkdiff_core.images import image_tensor_from_pil
 
 
 def parse_args(argv=None):

@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
-exec "$PY" scripts/demo.py "$@"
+exec "$PY" -m scripts.demo "$@"

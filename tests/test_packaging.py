@@ -80,14 +80,27 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout[-3000:]
 
 
-def test_pack_entry_imports_as_a_plain_module_too():
-    """pytest imports the checkout's __init__.py as a plain module when the folder name is not a Python name (a clone
-    into mktemp's 'tmp.XXXX'); it must still give the node mappings there, as it does as ComfyUI's package."""
-    import importlib.machinery
+def test_pack_entry_loads_the_way_comfyui_loads_it():
+    """ComfyUI imports a custom-node folder as a package named after the folder (nodes.py, load_custom_node): the
+    entry must give the node mappings there, with `nodes` imported relatively (ComfyUI's own `nodes` is top-level)."""
     import importlib.util
+    import sys
 
-    loader = importlib.machinery.SourceFileLoader("thinkdiff_checkout_entry", str(ROOT / "__init__.py"))
-    spec = importlib.util.spec_from_loader(loader.name, loader, is_package=False)  # a module, not a package
+    name = "ComfyUI-ThinkDiff-test-entry"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert not module.__package__ and "ThinkDiffVLMEncode" in module.NODE_CLASS_MAPPINGS
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert module.__package__ == name and "ThinkDiffVLMEncode" in module.NODE_CLASS_MAPPINGS
+        assert sys.modules[f"{name}.nodes"].NODE_CLASS_MAPPINGS is module.NODE_CLASS_MAPPINGS
+    finally:
+        for key in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def test_sys_path_is_edited_in_the_pack_entry_only():
+    """One documented way to import the checkout: `pip install -e .`, plus the pack entry for ComfyUI."""
+    for path in python_files() + sorted((ROOT / "bench").glob("*.py")):
+        if path != ROOT / "__init__.py":
+            assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} edits sys.path"
