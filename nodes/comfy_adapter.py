@@ -71,7 +71,9 @@ def list_aligners() -> list[str]:
     for base in folder_paths_for(ALIGNER_FOLDER):
         if base.is_dir():
             names.update(
-                p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() and p.suffix.lower() in ALIGNER_EXTENSIONS
+                p.relative_to(base).as_posix()
+                for p in base.rglob("*")
+                if p.is_file() and p.suffix.lower() in ALIGNER_EXTENSIONS
             )
     return sorted(names)
 
@@ -158,6 +160,14 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
+def intermediate_device() -> torch.device:
+    """Where ComfyUI's own text encoders leave their outputs (the CPU by default, the GPU with --gpu-only): node
+    outputs go there too, so they combine with ComfyUI's conditioning and the sampler moves them once."""
+    if IN_COMFYUI:
+        return model_management.intermediate_device()
+    return torch.device("cpu")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -181,7 +191,9 @@ class _Holder(torch.nn.Module):
     on_move is called whenever ComfyUI moves the weights as a whole (evicting the model for FLUX, say): what the core
     keeps on the device for them (the fast engine's KV caches and CUDA graphs) is then stale and given back too."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, on_move: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, module: torch.nn.Module, device: torch.device, on_move: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()
         self.wrapped = module
         self.device = device
@@ -216,7 +228,9 @@ def manage(model: Any, module: torch.nn.Module, load_device: torch.device, movab
     if IN_COMFYUI and movable:
         size = sum(p.numel() * p.element_size() for p in module.parameters())
         holder = _Holder(module, offload, on_move=getattr(model, "release_device_buffers", None))
-        handle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload, size=size)
+        handle.patcher = comfy.model_patcher.ModelPatcher(
+            holder, load_device=load_device, offload_device=offload, size=size
+        )
     return handle
 
 

@@ -26,14 +26,28 @@ class ThinkDiffConditioning:
                 "aligner": ("THINKDIFF_ALIGNER",),
                 "features": ("THINKDIFF_FEATURES",),
                 "mode": (list(PLACEMENTS), {"default": "replace"}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Scales the aligned tokens."}),
+                "strength": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Scales the aligned tokens."},
+                ),
             },
             "optional": {
                 "conditioning": ("CONDITIONING", {"tooltip": "Base: pooled output and guidance are kept from it."}),
-                "text_tokens": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Keep only the first N tokens of the base (0: all). ComfyUI pads T5 text to 256; the CLIP recipe used 128."}),
+                "text_tokens": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "tooltip": "Keep only the first N tokens of the base (0: all). ComfyUI pads T5 text to 256; the CLIP recipe used 128.",
+                    },
+                ),
             },
         }
 
     def apply(self, aligner, features, mode, strength, conditioning=None, text_tokens=0):
-        aligned = align_features(aligner, features, device=adapter.compute_device(), strength=strength)
+        adapter.load_to_device(aligner)  # once: it stays there, under ComfyUI's model management, until evicted
+        aligned = align_features(
+            aligner.model, features, strength=strength, output_device=adapter.intermediate_device()
+        )
         return (build_flux_conditioning(aligned, base=conditioning, mode=mode, text_tokens=text_tokens),)

@@ -32,20 +32,38 @@ class ThinkDiffVLMEncode:
                 "vlm": ("THINKDIFF_VLM",),
                 "prompt": ("STRING", {"multiline": True, "default": "red\nblue\ngreen"}),
                 "layout": (list(LAYOUTS), {"default": LAYOUTS[0]}),
-                "num_tokens": ("INT", {"default": 128, "min": 1, "max": 1024, "tooltip": "Tokens to generate = feature vectors (128 in the paper)."}),
+                "num_tokens": (
+                    "INT",
+                    {
+                        "default": 128,
+                        "min": 1,
+                        "max": 1024,
+                        "tooltip": "Tokens to generate = feature vectors (128 in the paper).",
+                    },
+                ),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
                 "temperature": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 2.0, "step": 0.01}),
                 "top_p": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.01}),
                 "greedy": ("BOOLEAN", {"default": False, "tooltip": "Argmax decoding instead of sampling."}),
-                "keep_model_loaded": ("BOOLEAN", {"default": False, "tooltip": "Off: the VLM leaves the GPU after encoding, making room for FLUX."}),
+                "keep_model_loaded": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Off: the VLM leaves the GPU after encoding, making room for FLUX."},
+                ),
             },
             "optional": {f"image_{index}": ("IMAGE",) for index in range(1, MAX_IMAGES + 1)},
         }
 
     def encode(self, vlm, prompt, layout, num_tokens, seed, temperature, top_p, greedy, keep_model_loaded, **images):
-        pictures = [pil for key in sorted(images, key=_image_number) if images[key] is not None for pil in pil_images_from_tensor(images[key])]
+        pictures = [
+            pil
+            for key in sorted(images, key=_image_number)
+            if images[key] is not None
+            for pil in pil_images_from_tensor(images[key])
+        ]
         messages = chat_messages(layout_content(layout, prompt, pictures))
-        settings = GenerationSettings(num_tokens=num_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
+        settings = GenerationSettings(
+            num_tokens=num_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed
+        )
         adapter.load_to_device(vlm)
         try:
             features = encode_with_vlm(
@@ -54,7 +72,7 @@ class ThinkDiffVLMEncode:
                 settings,
                 on_token=adapter.token_progress(num_tokens),
                 add_vision_id=layout == "in-context words",  # "Picture k:" labels as in the official CoBSAT prompt
-            ).to("cpu")
+            ).to(adapter.intermediate_device())  # where ComfyUI keeps its text encoders' outputs
         finally:
             if not keep_model_loaded:
                 adapter.release(vlm)

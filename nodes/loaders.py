@@ -31,13 +31,40 @@ class ThinkDiffVLMLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (adapter.list_vlm_folders(), {"tooltip": "A model folder (config.json + *.safetensors) in models/LLM."}),
-                "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: bfloat16 where supported. float16 can overflow."}),
+                "model": (
+                    adapter.list_vlm_folders(),
+                    {"tooltip": "A model folder (config.json + *.safetensors) in models/LLM."},
+                ),
+                "dtype": (
+                    list(DTYPE_CHOICES),
+                    {"default": "auto", "tooltip": "auto: bfloat16 where supported. float16 can overflow."},
+                ),
                 "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
-                "attention": (list(ATTENTION_BACKENDS), {"default": "sdpa", "tooltip": "Falls back to sdpa, then eager, if unavailable."}),
-                "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": "Run Python code shipped in the model folder. Only for folders you trust."}),
-                "engine": (list(ENGINES), {"default": "auto", "tooltip": "auto: the fast engine (static cache, compiled, CUDA graphs) on a GPU where it supports the model, else transformers' generate. The first fast run compiles; later runs reuse it while these settings stay."}),
-                "quantization": (list(QUANTIZATIONS), {"default": "none", "tooltip": "8-bit / 4-bit weights (needs bitsandbytes and a CUDA GPU) for 12-16 GB cards. Such a VLM stays on the GPU and decodes with generate."}),
+                "attention": (
+                    list(ATTENTION_BACKENDS),
+                    {"default": "sdpa", "tooltip": "Falls back to sdpa, then eager, if unavailable."},
+                ),
+                "trust_remote_code": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Run Python code shipped in the model folder. Only for folders you trust.",
+                    },
+                ),
+                "engine": (
+                    list(ENGINES),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: the fast engine (static cache, compiled, CUDA graphs) on a GPU where it supports the model, else transformers' generate. The first fast run compiles; later runs reuse it while these settings stay.",
+                    },
+                ),
+                "quantization": (
+                    list(QUANTIZATIONS),
+                    {
+                        "default": "none",
+                        "tooltip": "8-bit / 4-bit weights (needs bitsandbytes and a CUDA GPU) for 12-16 GB cards. Such a VLM stays on the GPU and decodes with generate.",
+                    },
+                ),
             }
         }
 
@@ -68,4 +95,5 @@ class ThinkDiffAlignerLoader:
         return {"required": {"aligner": (adapter.list_aligners(), {"tooltip": "An aligner file in models/thinkdiff."})}}
 
     def load(self, aligner):
-        return (load_aligner(adapter.aligner_path(aligner)),)
+        model = load_aligner(adapter.aligner_path(aligner), device=adapter.offload_device())
+        return (adapter.manage(model, model, adapter.compute_device()),)

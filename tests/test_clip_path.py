@@ -39,6 +39,11 @@ def load(name):
     return vision
 
 
+def managed(aligner):
+    """An aligner as the loader node hands it on (under the adapter's model management)."""
+    return comfy_adapter.manage(aligner, aligner, torch.device("cpu"))
+
+
 def encode(vision, *images, grid="8x8 (65 tokens, recipe)"):
     extra = {f"image_{i}": im for i, im in enumerate(images[1:], start=2)}
     return NODE_CLASS_MAPPINGS["ThinkDiffVisionEncode"]().encode(vision, images[0], grid, **extra)[0]
@@ -59,13 +64,17 @@ def test_extracted_file_equals_the_full_folder(clip_models):
 
     with safe_open(str(clip_models / "thinkdiff" / "blip2_vision_tower.safetensors"), "pt") as handle:
         keys = set(handle.keys())
-    assert "query_tokens" not in keys and keys == set(load_vision_encoder(clip_models / "clip_vision" / "blip2-tiny").state_dict())
+    assert "query_tokens" not in keys and keys == set(
+        load_vision_encoder(clip_models / "clip_vision" / "blip2-tiny").state_dict()
+    )
 
 
 def test_extract_vision_command(clip_models, tmp_path, capsys):
     from thinkdiff_core.__main__ import main
 
-    assert main(["extract-vision", str(clip_models / "clip_vision" / "blip2-tiny"), str(tmp_path / "t.safetensors")]) == 0
+    assert (
+        main(["extract-vision", str(clip_models / "clip_vision" / "blip2-tiny"), str(tmp_path / "t.safetensors")]) == 0
+    )
     assert is_vision_tower_file(tmp_path / "t.safetensors") and "wrote" in capsys.readouterr().out
     assert main(["extract-vision", str(tmp_path / "nothing"), str(tmp_path / "u.safetensors")]) == 2
     assert "has no config.json" in capsys.readouterr().err
@@ -92,7 +101,7 @@ def test_clip_conditioning_follows_the_recipe_order(clip_models):
     (conditioning,) = NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(aligner, features, "prepend", 1.0, text, 128)
     cond, options = conditioning[0]
     assert cond.shape == (1, 193, 4096)
-    torch.testing.assert_close(cond[:, :65], aligner(features.hidden_states), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cond[:, :65], aligner.model(features.hidden_states), atol=1e-5, rtol=1e-5)
     assert torch.equal(cond[:, 65:], text[0][0][:, :128])
     assert options["pooled_output"] is text[0][1]["pooled_output"]  # CLIP-L pooled of the prompt text (recipe)
 
@@ -100,11 +109,15 @@ def test_clip_conditioning_follows_the_recipe_order(clip_models):
 def test_variant_and_width_mismatches_are_refused(clip_models, models_root):
     features = encode(load("blip2-tiny"), image("red"))
     lvlm_aligner = standin.build_aligner(input_dim=48, output_dim=64)
-    with pytest.raises(AlignerMismatchError, match="'lvlm' aligner, but the features come from a vision encoder.*Load a 'clip' aligner"):
-        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(lvlm_aligner, features, "prepend", 1.0)
+    with pytest.raises(
+        AlignerMismatchError, match="'lvlm' aligner, but the features come from a vision encoder.*Load a 'clip' aligner"
+    ):
+        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(managed(lvlm_aligner), features, "prepend", 1.0)
     wide = ThinkDiffAligner(AlignerSpec("clip", 1408, 64, source_model="Salesforce/blip2-flan-t5-xxl"))
-    with pytest.raises(AlignerMismatchError, match="expects 1408-dim features .trained on Salesforce/blip2-flan-t5-xxl.*48-dim"):
-        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(wide, features, "prepend", 1.0)
+    with pytest.raises(
+        AlignerMismatchError, match="expects 1408-dim features .trained on Salesforce/blip2-flan-t5-xxl.*48-dim"
+    ):
+        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(managed(wide), features, "prepend", 1.0)
 
 
 def test_vision_loader_errors(clip_models, tmp_path):

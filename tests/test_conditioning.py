@@ -32,12 +32,17 @@ def aligner(width=24, variant="lvlm", out=32):
 
 
 def base(tokens=7, width=32):
-    return [[torch.randn(1, tokens, width), {"pooled_output": torch.randn(1, 768), "guidance": 2.5, "attention_mask": torch.ones(1, tokens)}]]
+    return [
+        [
+            torch.randn(1, tokens, width),
+            {"pooled_output": torch.randn(1, 768), "guidance": 2.5, "attention_mask": torch.ones(1, tokens)},
+        ]
+    ]
 
 
 def test_align_features_applies_the_aligner_to_every_vector():
     a, f = aligner(), features()
-    aligned = align_features(a, f, device="cpu")
+    aligned = align_features(a, f, output_device="cpu")
     torch.testing.assert_close(aligned, a(f.hidden_states))
     torch.testing.assert_close(align_features(a, f, strength=0.5), 0.5 * a(f.hidden_states))
 

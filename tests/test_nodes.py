@@ -25,16 +25,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Saved workflows address widgets by position and links by name: this table is a public contract.
 CONTRACT = {
-    "ThinkDiffVLMLoader": (["model", "dtype", "device", "attention", "trust_remote_code", "engine", "quantization"], [], ("THINKDIFF_VLM",)),
+    "ThinkDiffVLMLoader": (
+        ["model", "dtype", "device", "attention", "trust_remote_code", "engine", "quantization"],
+        [],
+        ("THINKDIFF_VLM",),
+    ),
     "ThinkDiffAlignerLoader": (["aligner"], [], ("THINKDIFF_ALIGNER",)),
     "ThinkDiffVLMEncode": (
         ["vlm", "prompt", "layout", "num_tokens", "seed", "temperature", "top_p", "greedy", "keep_model_loaded"],
         ["image_1", "image_2", "image_3", "image_4"],
         ("THINKDIFF_FEATURES", "STRING"),
     ),
-    "ThinkDiffConditioning": (["aligner", "features", "mode", "strength"], ["conditioning", "text_tokens"], ("CONDITIONING",)),
+    "ThinkDiffConditioning": (
+        ["aligner", "features", "mode", "strength"],
+        ["conditioning", "text_tokens"],
+        ("CONDITIONING",),
+    ),
     "ThinkDiffVisionLoader": (["encoder", "dtype", "device"], [], ("THINKDIFF_VISION",)),
-    "ThinkDiffVisionEncode": (["vision", "image_1", "token_grid"], ["image_2", "image_3", "image_4"], ("THINKDIFF_FEATURES",)),
+    "ThinkDiffVisionEncode": (
+        ["vision", "image_1", "token_grid"],
+        ["image_2", "image_3", "image_4"],
+        ("THINKDIFF_FEATURES",),
+    ),
 }
 
 
@@ -53,7 +65,9 @@ def test_node_contract(name, standalone_models):
 
 def test_loader_lists_come_from_the_model_folders(standalone_models):
     assert NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"].INPUT_TYPES()["required"]["model"][0] == ["tiny-qwen2-vl"]
-    assert NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"].INPUT_TYPES()["required"]["aligner"][0] == ["tiny-lvlm.safetensors"]
+    assert NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"].INPUT_TYPES()["required"]["aligner"][0] == [
+        "tiny-lvlm.safetensors"
+    ]
 
 
 @pytest.fixture
@@ -83,7 +97,20 @@ def test_graph_through_the_node_classes(graph):
     (appended,) = NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(aligner, features, "append", 1.0, base)
     assert appended[0][0].shape == (1, 262, 4096)
     # the aligned tokens are the aligner applied to the VLM features
-    torch.testing.assert_close(cond, aligner(features.hidden_states), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cond, aligner.model(features.hidden_states), atol=1e-5, rtol=1e-5)
+
+
+def test_the_aligner_stays_where_it_was_loaded(graph):
+    """Loaded once to the compute device under model management; runs neither copy nor move it (it used to go
+    CPU -> GPU -> CPU on every run), and the tokens land where ComfyUI keeps conditioning."""
+    vlm, aligner, images = graph
+    features = encode(vlm, images)["result"][0]
+    weights = [parameter.data_ptr() for parameter in aligner.model.parameters()]
+    for _ in range(2):
+        (conditioning,) = NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(aligner, features, "replace", 1.0)
+        assert [parameter.data_ptr() for parameter in aligner.model.parameters()] == weights
+        assert all(parameter.device == aligner.load_device for parameter in aligner.model.parameters())
+        assert conditioning[0][0].device == comfy_adapter.intermediate_device()
 
 
 def test_picture_labels_follow_the_layout(graph):
@@ -114,8 +141,12 @@ def test_aligner_of_other_width_is_refused_with_the_fix(graph, tmp_path):
     vlm, _, images = graph
     features = encode(vlm, images)["result"][0]
     wrong = standin.build_aligner(input_dim=3584, output_dim=32, source_model="Qwen/Qwen2-VL-7B-Instruct")
-    with pytest.raises(AlignerMismatchError, match="expects 3584-dim features .trained on Qwen/Qwen2-VL-7B-Instruct.*64-dim"):
-        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(wrong, features, "replace", 1.0)
+    with pytest.raises(
+        AlignerMismatchError, match="expects 3584-dim features .trained on Qwen/Qwen2-VL-7B-Instruct.*64-dim"
+    ):
+        NODE_CLASS_MAPPINGS["ThinkDiffConditioning"]().apply(
+            comfy_adapter.manage(wrong, wrong, torch.device("cpu")), features, "replace", 1.0
+        )
 
 
 def test_model_names_cannot_leave_the_model_folders(standalone_models):
@@ -139,7 +170,7 @@ def test_official_pth_is_listed_and_loads(standalone_models, tmp_path):
     try:
         assert "sub/thinkdiff_clip.pth" in comfy_adapter.list_aligners()
         (loaded,) = NODE_CLASS_MAPPINGS["ThinkDiffAlignerLoader"]().load("sub/thinkdiff_clip.pth")
-        assert loaded.spec.variant == "clip"
+        assert loaded.model.spec.variant == "clip"
     finally:
         path.unlink()
         path.parent.rmdir()
@@ -167,7 +198,7 @@ def test_pack_imports_as_comfyui_loads_it():
         f"""
         import importlib.util, sys, types
         sys.modules['nodes'] = types.ModuleType('nodes')  # ComfyUI's own nodes.py occupies this name
-        spec = importlib.util.spec_from_file_location('ComfyUI-ThinkDiff', {str(ROOT / '__init__.py')!r},
+        spec = importlib.util.spec_from_file_location('ComfyUI-ThinkDiff', {str(ROOT / "__init__.py")!r},
                                                       submodule_search_locations=[{str(ROOT)!r}])
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -187,7 +218,9 @@ def test_standalone_adapter_without_comfyui():
 
 def test_loader_engine_choice_reaches_the_encode_node_and_release_frees_its_buffers(graph, standalone_models):
     vlm, _aligner, images = graph
-    (fast_vlm,) = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]().load("tiny-qwen2-vl", "float32", "cpu", "sdpa", False, "fast", "none")
+    (fast_vlm,) = NODE_CLASS_MAPPINGS["ThinkDiffVLMLoader"]().load(
+        "tiny-qwen2-vl", "float32", "cpu", "sdpa", False, "fast", "none"
+    )
     assert fast_vlm.model.engine == "fast"
     fast = encode(fast_vlm, images, num_tokens=8)["result"][0]
     reference = encode(vlm, images, num_tokens=8)["result"][0]  # auto on cpu: generate
@@ -217,7 +250,11 @@ def test_moving_the_managed_weights_releases_the_engine_buffers(tiny_qwen2vl_dir
     from thinkdiff_core.vlm_loader import load_vlm
 
     vlm = load_vlm(tiny_qwen2vl_dir, dtype=torch.float32, device="cpu", engine="fast")
-    encode_with_vlm(vlm, chat_messages(interleaved_content("<image> what is it", shape_images[:1])), GenerationSettings(num_tokens=4, greedy=True))
+    encode_with_vlm(
+        vlm,
+        chat_messages(interleaved_content("<image> what is it", shape_images[:1])),
+        GenerationSettings(num_tokens=4, greedy=True),
+    )
     assert vlm.fast_decoder()._states
     holder = comfy_adapter._Holder(vlm.model, torch.device("cpu"), on_move=vlm.release_device_buffers)
     holder.to("cpu")

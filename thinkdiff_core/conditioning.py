@@ -25,7 +25,9 @@ def check_aligner_fits(aligner: ThinkDiffAligner, width: int, variant: str, sour
     """Refuse features the aligner was not made for, saying which aligner to load instead."""
     spec = aligner.spec
     if spec.variant != variant:
-        wanted = "an 'lvlm' aligner (e.g. thinkdiff_lvlm)" if variant == "lvlm" else "a 'clip' aligner (e.g. thinkdiff_clip)"
+        wanted = (
+            "an 'lvlm' aligner (e.g. thinkdiff_lvlm)" if variant == "lvlm" else "a 'clip' aligner (e.g. thinkdiff_clip)"
+        )
         raise AlignerMismatchError(
             f"this is a '{spec.variant}' aligner, but the features come from "
             f"{'a VLM' if variant == 'lvlm' else 'a vision encoder'}{f' ({source})' if source else ''}. Load {wanted}."
@@ -51,36 +53,31 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 def align_features(
     aligner: ThinkDiffAligner,
     features: VlmFeatures,
-    device: torch.device | str | None = None,
     strength: float = 1.0,
+    output_device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Run the aligner over the features: (batch, tokens, input_dim) -> (batch, tokens, output_dim).
+    """Run the aligner over the features: (batch, tokens, input_dim) -> (batch, tokens, output_dim) float32.
 
     `features` is a VlmFeatures (variant "lvlm") or a vision encoder's features (variant "clip"); the aligner must
-    be of the same variant and width. Returns float32 on the CPU (ComfyUI moves conditioning to the model's device
-    and dtype itself). Rows shorter than the batch (generation stopped at EOS) are zero-padded after alignment.
-    The aligner is moved to `device` only for the call and put back where it was.
+    be of the same variant and width. It runs where its weights are (the caller places it once; it is never moved
+    here), and the result goes to `output_device` (default: the aligner's device): in ComfyUI, where its own text
+    encoders put conditioning. Rows shorter than the batch (generation stopped at EOS) are zero-padded after
+    alignment.
     """
     variant = getattr(features, "variant", "lvlm")
     source = features.source_model or ("the VLM" if variant == "lvlm" else "the vision encoder")
     check_aligner_fits(aligner, features.hidden_states.shape[-1], variant, source)
     check_finite(features.hidden_states, f"the {variant} features")
     parameter = next(aligner.parameters())
-    home = parameter.device
-    device = home if device is None else torch.device(device)
-    aligner.to(device)  # outside inference_mode: the parameters must stay ordinary tensors
-    try:
-        with torch.inference_mode():
-            aligned = aligner(features.hidden_states.to(device=device, dtype=parameter.dtype))
-    finally:
-        aligner.to(home)
-    aligned = aligned.float().cpu() * strength
-    lengths = getattr(features, "lengths", None)
-    if lengths is not None:
-        valid = torch.arange(aligned.shape[1])[None, :] < lengths.cpu()[:, None]
-        aligned = aligned * valid[..., None]
+    with torch.inference_mode():
+        aligned = aligner(features.hidden_states.to(device=parameter.device, dtype=parameter.dtype)).float() * strength
+        lengths = getattr(features, "lengths", None)
+        if lengths is not None:
+            valid = torch.arange(aligned.shape[1], device=aligned.device)[None, :] < lengths.to(aligned.device)[:, None]
+            aligned = aligned * valid[..., None]
     check_finite(aligned, "the aligned tokens")
-    return aligned
+    # A plain tensor again (not an inference tensor), so later in-place edits downstream are allowed.
+    return aligned.to(output_device if output_device is not None else aligned.device).clone()
 
 
 def build_flux_conditioning(
@@ -144,4 +141,6 @@ def _match_batch(tokens: torch.Tensor, batch: int) -> torch.Tensor:
         return tokens
     if tokens.shape[0] == 1:
         return tokens.expand(batch, -1, -1)
-    raise FeatureError(f"features have batch {tokens.shape[0]} but the base conditioning has batch {batch}; use one of each or equal batches.")
+    raise FeatureError(
+        f"features have batch {tokens.shape[0]} but the base conditioning has batch {batch}; use one of each or equal batches."
+    )

@@ -250,7 +250,7 @@ def generate(
     seed: int = 42,
     add_vision_id: bool = False,
 ) -> GenerationResult:
-    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.vlm.layout_content or cobsat_content).
+    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.prompts: layout_content or cobsat_content).
 
     add_vision_id: "Picture k:" labels, for the in-context (CoBSAT) layout only (recipe section 6).
     """
@@ -259,7 +259,9 @@ def generate(
         raise ModelFolderError(f"mode '{mode}' needs an aligner: pass --aligner (e.g. thinkdiff_lvlm.pth).")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    features = encode_with_vlm(models.vlm, chat_messages(content), vlm_settings(mode, settings), add_vision_id=add_vision_id)
+    features = encode_with_vlm(
+        models.vlm, chat_messages(content), vlm_settings(mode, settings), add_vision_id=add_vision_id
+    )
     timings["vlm"] = time.perf_counter() - started
     aligned = None
     if mode != "text":
