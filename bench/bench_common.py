@@ -43,7 +43,13 @@ def build_vlm(tiny: bool, device: torch.device, workdir: Path, layers: int | Non
 
     ids = bundle.model.config
     config = Qwen2VLConfig(
-        text_config={**QWEN2_VL_7B_TEXT, **({"num_hidden_layers": layers} if layers else {}), "bos_token_id": ids.text_config.bos_token_id, "eos_token_id": ids.text_config.eos_token_id, "pad_token_id": ids.text_config.pad_token_id},
+        text_config={
+            **QWEN2_VL_7B_TEXT,
+            **({"num_hidden_layers": layers} if layers else {}),
+            "bos_token_id": ids.text_config.bos_token_id,
+            "eos_token_id": ids.text_config.eos_token_id,
+            "pad_token_id": ids.text_config.pad_token_id,
+        },
         vision_config={**QWEN2_VL_7B_VISION, **({"depth": layers} if layers else {})},
         image_token_id=ids.image_token_id,
         video_token_id=ids.video_token_id,
@@ -66,14 +72,24 @@ def build_vlm(tiny: bool, device: torch.device, workdir: Path, layers: int | Non
 def fast_options(args) -> FastDecodeOptions:
     """--compile / --cuda-graphs / --compile-backend as engine options."""
     flag = {"auto": None, "on": True, "off": False}
-    return FastDecodeOptions(compile=flag[args.compile], cuda_graphs=flag[args.cuda_graphs], compile_backend=args.compile_backend)
+    return FastDecodeOptions(
+        compile=flag[args.compile], cuda_graphs=flag[args.cuda_graphs], compile_backend=args.compile_backend
+    )
 
 
 def add_engine_arguments(parser) -> None:
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compile the decoder layers (auto: on CUDA)")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager checks tracing on CPU quickly)")
+    parser.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="compile the decoder layers (auto: on CUDA)"
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager checks tracing on CPU quickly)"
+    )
     parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--warm-caches", action="store_true", help="keep inductor's and Triton's on-disk caches (first call then shows a warm start)")
+    parser.add_argument(
+        "--warm-caches",
+        action="store_true",
+        help="keep inductor's and Triton's on-disk caches (first call then shows a warm start)",
+    )
 
 
 def cold_compile_caches(args) -> None:
@@ -122,7 +138,11 @@ def environment(device: torch.device) -> dict:
     """Device, versions and date: every figure is reported with them."""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
 

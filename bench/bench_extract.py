@@ -46,7 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-tokens", type=int, default=None, help="tokens per row (default 64; 8 with --tiny)")
     parser.add_argument("--image-size", type=int, default=448, help="side of each picture (448 -> 256 vision tokens)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check of the real-shape path, not a timing)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="fewer layers (a quick check of the real-shape path, not a timing)"
+    )
     add_engine_arguments(parser)
     return parser.parse_args(argv)
 
@@ -92,7 +94,9 @@ def main(argv=None) -> dict:
         "bench": "extract",
         **environment(device),
         "shapes": {
-            "model": "tiny stand-in" if args.tiny else f"Qwen2-VL-7B (random bf16 weights{f', {args.layers} layers' if args.layers else ''})",
+            "model": "tiny stand-in"
+            if args.tiny
+            else f"Qwen2-VL-7B (random bf16 weights{f', {args.layers} layers' if args.layers else ''})",
             "batch": batch,
             "prompt_tokens_padded": int(ours.prompt_ids.shape[1]),
             "generated_tokens_per_row": num_tokens,

@@ -46,9 +46,16 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny stand-in model (CPU-friendly)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-tokens", type=int, default=None, help="tokens to generate (default 128; 16 with --tiny)")
-    parser.add_argument("--image-size", type=int, default=448, help="side of each of the 2 images (448 -> 256 vision tokens)")
+    parser.add_argument(
+        "--image-size", type=int, default=448, help="side of each of the 2 images (448 -> 256 vision tokens)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=None, help="fewer text and vision layers (a quick check of the real-shape path, not a timing)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="fewer text and vision layers (a quick check of the real-shape path, not a timing)",
+    )
     add_engine_arguments(parser)
     return parser.parse_args(argv)
 
@@ -91,7 +98,9 @@ def main(argv=None) -> dict:
     ours_time, ours = timed(ours_call, device, args.repeats)
     reference_time, (reference_ids, reference_states) = timed(reference_call, device, args.repeats)
     hook_time, _ = timed(hook_call, device, args.repeats)
-    longer_time, longer_features = timed(lambda: encode_with_vlm(vlm, longer, settings, add_vision_id=True, engine="fast"), device, 1)
+    longer_time, longer_features = timed(
+        lambda: encode_with_vlm(vlm, longer, settings, add_vision_id=True, engine="fast"), device, 1
+    )
     # Free-running greedy runs split at the first near-tie that bf16 sums break differently; after that their states
     # belong to other tokens. So the agreement is judged with our engine fed the reference's tokens (teacher forcing):
     # its own greedy pick at every step, and the states of the very same tokens.
@@ -104,7 +113,9 @@ def main(argv=None) -> dict:
         "bench": "vlm_encode",
         **environment(device),
         "shapes": {
-            "model": "tiny stand-in" if args.tiny else f"Qwen2-VL-7B (random bf16 weights{f', {args.layers} layers' if args.layers else ''})",
+            "model": "tiny stand-in"
+            if args.tiny
+            else f"Qwen2-VL-7B (random bf16 weights{f', {args.layers} layers' if args.layers else ''})",
             "prompt_tokens": int(ours.prompt_ids.shape[1]),
             "longer_prompt_tokens": int(longer_features.prompt_ids.shape[1]),
             "images": 2,

@@ -24,12 +24,27 @@ CHECKS: dict[str, list[Check]] = {
         ("speed-up over the reference", lambda r: r["speedup"], ">= 4.5x", lambda v: v >= 4.5),
         ("greedy tokens identical (free-running)", lambda r: r["tokens_identical"], "yes", bool),
         ("first differing token (free-running)", lambda r: r["first_divergence"], "", None),
-        ("greedy picks agree up to bf16 near-ties (teacher forced)", lambda r: r["greedy_agrees_up_to_near_ties"], "yes", bool),
+        (
+            "greedy picks agree up to bf16 near-ties (teacher forced)",
+            lambda r: r["greedy_agrees_up_to_near_ties"],
+            "yes",
+            bool,
+        ),
         ("features within bf16 tolerance (teacher forced)", lambda r: r["features_within_bf16_tolerance"], "yes", bool),
         ("first call (compile + capture + encode)", lambda r: r["first_call_s"], "<= 30 s", lambda v: v <= 30),
         ("recompiled for a new prompt length", lambda r: r["recompiled_for_new_length"], "no", lambda v: v is False),
-        ("peak memory, ours (GiB)", lambda r: r["peak_memory_gib"]["ours"], "<= 18", lambda v: v is not None and v <= 18),
-        ("left allocated after release (GiB)", lambda r: r["allocated_after_release_gib"], "<= 1", lambda v: v is not None and v <= 1),
+        (
+            "peak memory, ours (GiB)",
+            lambda r: r["peak_memory_gib"]["ours"],
+            "<= 18",
+            lambda v: v is not None and v <= 18,
+        ),
+        (
+            "left allocated after release (GiB)",
+            lambda r: r["allocated_after_release_gib"],
+            "<= 1",
+            lambda v: v is not None and v <= 1,
+        ),
     ],
     "extract": [
         ("generated tokens/s: reference (batched generate)", lambda r: r["reference_tokens_per_s"], "", None),
@@ -40,10 +55,25 @@ CHECKS: dict[str, list[Check]] = {
     "train_step": [
         ("reference shapes: reference step (ms)", lambda r: r["reference"]["step_ms"], "", None),
         ("reference shapes: our step (ms)", lambda r: r["ours"]["step_ms"], "", None),
-        ("fraction of the measured bf16 matrix peak, ours", lambda r: r["ours"]["fraction_of_peak"], ">= 0.75", lambda v: v >= 0.75),
+        (
+            "fraction of the measured bf16 matrix peak, ours",
+            lambda r: r["ours"]["fraction_of_peak"],
+            ">= 0.75",
+            lambda v: v >= 0.75,
+        ),
         ("loss difference, ours vs plain step", lambda r: r["loss_abs_difference"], "within tolerance", None),
-        ("padding on the recipe's length mix, ours", lambda r: r["length_mix"]["padding_fraction_bucketed"], "<= 0.10", lambda v: v <= 0.10),
-        ("3.2 M samples on one card (hours)", lambda r: r["projection"]["hours_for_3_2m_samples"], "<= 2.5", lambda v: v <= 2.5),
+        (
+            "padding on the recipe's length mix, ours",
+            lambda r: r["length_mix"]["padding_fraction_bucketed"],
+            "<= 0.10",
+            lambda v: v <= 0.10,
+        ),
+        (
+            "3.2 M samples on one card (hours)",
+            lambda r: r["projection"]["hours_for_3_2m_samples"],
+            "<= 2.5",
+            lambda v: v <= 2.5,
+        ),
     ],
 }
 

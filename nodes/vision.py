@@ -26,7 +26,10 @@ class ThinkDiffVisionLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "encoder": (adapter.list_vision_encoders(), {"tooltip": "BLIP-2 folder or extracted vision-tower file."}),
+                "encoder": (
+                    adapter.list_vision_encoders(),
+                    {"tooltip": "BLIP-2 folder or extracted vision-tower file."},
+                ),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto"}),
                 "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
             }
@@ -34,7 +37,9 @@ class ThinkDiffVisionLoader:
 
     def load(self, encoder, dtype, device):
         load_device, torch_dtype = device_and_dtype(device, dtype)
-        module = load_vision_encoder(adapter.vision_encoder_path(encoder), dtype=torch_dtype, device=adapter.offload_device())
+        module = load_vision_encoder(
+            adapter.vision_encoder_path(encoder), dtype=torch_dtype, device=adapter.offload_device()
+        )
         return (adapter.manage(module, module, load_device),)
 
 
@@ -55,7 +60,13 @@ class ThinkDiffVisionEncode:
             "required": {
                 "vision": ("THINKDIFF_VISION",),
                 "image_1": ("IMAGE",),
-                "token_grid": (list(TOKEN_GRIDS), {"default": next(iter(TOKEN_GRIDS)), "tooltip": "Patch tokens kept per image. Fewer tokens let the text weigh more; the aligner was trained on 8x8."}),
+                "token_grid": (
+                    list(TOKEN_GRIDS),
+                    {
+                        "default": next(iter(TOKEN_GRIDS)),
+                        "tooltip": "Patch tokens kept per image. Fewer tokens let the text weigh more; the aligner was trained on 8x8.",
+                    },
+                ),
             },
             "optional": {f"image_{index}": ("IMAGE",) for index in range(2, MAX_IMAGES + 1)},
         }

@@ -107,7 +107,9 @@ def main(argv=None) -> int:
 
     cond = conditioning[0][0]
     print(f"VLM features:        {tuple(features.hidden_states.shape)}  (batch, generated tokens, VLM width)")
-    print(f"FLUX conditioning:   {tuple(cond.shape)}  pooled {tuple(conditioning[0][1]['pooled_output'].shape)}  guidance {conditioning[0][1]['guidance']}")
+    print(
+        f"FLUX conditioning:   {tuple(cond.shape)}  pooled {tuple(conditioning[0][1]['pooled_output'].shape)}  guidance {conditioning[0][1]['guidance']}"
+    )
     print(f"VLM generated text:  {text!r}")
     print(f"image:               {image_path}  ({image.width}x{image.height})")
     print(f"summary card:        {card_path}")

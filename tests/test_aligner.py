@@ -40,7 +40,9 @@ def test_layer_shapes_match_official_for_qwen2vl_7b():
 def test_init_norm_from_t5_copies_encoder_final_norm():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=48, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0))
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=50, d_model=48, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    )
     with torch.no_grad():
         t5.encoder.final_layer_norm.weight.uniform_(0.1, 3.0)
     aligner = ThinkDiffAligner(AlignerSpec("lvlm", input_dim=16, output_dim=48))

@@ -26,7 +26,19 @@ def printed_json(capsys):
 
 def test_vlm_encode_bench_tiny(capsys):
     result = load("bench_vlm_encode").main(
-        ["--tiny", "--device", "cpu", "--num-tokens", "4", "--repeats", "1", "--compile", "on", "--compile-backend", "aot_eager"]
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--num-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--compile",
+            "on",
+            "--compile-backend",
+            "aot_eager",
+        ]
     )
     assert printed_json(capsys) == result
     assert result["tokens_identical"] and result["max_abs_feature_difference"] < 1e-5
@@ -40,7 +52,9 @@ def test_vlm_encode_bench_tiny(capsys):
 
 
 def test_extract_bench_tiny(capsys):
-    result = load("bench_extract").main(["--tiny", "--device", "cpu", "--batch", "3", "--num-tokens", "4", "--repeats", "1"])
+    result = load("bench_extract").main(
+        ["--tiny", "--device", "cpu", "--batch", "3", "--num-tokens", "4", "--repeats", "1"]
+    )
     assert printed_json(capsys) == result
     assert result["tokens_identical"]
     assert result["shapes"]["batch"] == 3 and result["shapes"]["generated_tokens_per_row"] == 4
@@ -49,7 +63,9 @@ def test_extract_bench_tiny(capsys):
 
 def test_report_refuses_cpu_figures_and_checks_the_bars(capsys, tmp_path):
     report = load("report")
-    tiny = load("bench_extract").main(["--tiny", "--device", "cpu", "--batch", "2", "--num-tokens", "2", "--repeats", "1"])
+    tiny = load("bench_extract").main(
+        ["--tiny", "--device", "cpu", "--batch", "2", "--num-tokens", "2", "--repeats", "1"]
+    )
     capsys.readouterr()
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps(tiny) + "\n")

@@ -33,7 +33,13 @@ def official_checkpoint(aligner: ThinkDiffAligner) -> dict:
         "mm_projector.3.weight": state["norm.weight"].clone(),
         "t5_model.decoder.some_buffer": torch.zeros(3),  # frozen buffers may stay in "model"
     }
-    return {"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "config": {"run": {"lr": 1e-4}}, "scaler": None, "epoch": 3}
+    return {
+        "model": model,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        "config": {"run": {"lr": 1e-4}},
+        "scaler": None,
+        "epoch": 3,
+    }
 
 
 def test_safetensors_round_trip_keeps_weights_and_spec(tmp_path):
@@ -80,8 +86,17 @@ def test_convert_command_writes_equivalent_safetensors(tmp_path):
     aligner = random_aligner(input_dim=1408, output_dim=64, variant="clip")
     torch.save(official_checkpoint(aligner), tmp_path / "thinkdiff_clip.pth")
     result = subprocess.run(
-        [sys.executable, "-m", "thinkdiff_core", "convert", str(tmp_path / "thinkdiff_clip.pth"), str(tmp_path / "out.safetensors")],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "thinkdiff_core",
+            "convert",
+            str(tmp_path / "thinkdiff_clip.pth"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     converted = load_aligner(tmp_path / "out.safetensors")

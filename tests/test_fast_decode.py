@@ -20,7 +20,11 @@ from thinkdiff_core.vlm_loader import VlmBundle, load_vlm
 def conversations(shape_images):
     return [
         chat_messages(cobsat_content(["red", "blue", "green"], shape_images)),
-        chat_messages(interleaved_content("a longer prompt: a picture <image> and then some more words after it", shape_images[:1])),
+        chat_messages(
+            interleaved_content(
+                "a longer prompt: a picture <image> and then some more words after it", shape_images[:1]
+            )
+        ),
         chat_messages([text_part("no picture at all")]),
     ]
 
@@ -75,9 +79,13 @@ def test_sampling_is_seeded_private_and_top_p_is_applied(tiny_vlm, conversations
 
 
 def test_vision_tokens_never_generated(tiny_vlm, conversations):
-    sampled = encode_with_vlm(tiny_vlm, conversations, GenerationSettings(num_tokens=40, temperature=5.0, top_p=1.0), engine="fast")
+    sampled = encode_with_vlm(
+        tiny_vlm, conversations, GenerationSettings(num_tokens=40, temperature=5.0, top_p=1.0), engine="fast"
+    )
     config = tiny_vlm.model.config
-    vision = torch.tensor([config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id])
+    vision = torch.tensor(
+        [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    )
     assert not torch.isin(sampled.generated_ids, vision).any()
 
 
@@ -117,7 +125,12 @@ def test_compiled_layers_compile_once_for_all_layers_and_prompt_lengths(tiny_vlm
 
 
 def test_engine_reuses_and_releases_its_buffers(tiny_vlm, conversations):
-    vlm = VlmBundle(model=tiny_vlm.model, processor=tiny_vlm.processor, source_model="tiny", fast_options=FastDecodeOptions(cache_bucket=32, max_graphs=2))
+    vlm = VlmBundle(
+        model=tiny_vlm.model,
+        processor=tiny_vlm.processor,
+        source_model="tiny",
+        fast_options=FastDecodeOptions(cache_bucket=32, max_graphs=2),
+    )
     settings = GenerationSettings(num_tokens=8, greedy=True)
     encode_with_vlm(vlm, conversations[:1], settings, engine="fast")
     decoder = vlm.fast_decoder()

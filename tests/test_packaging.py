@@ -34,7 +34,9 @@ def test_registry_metadata():
 def test_no_eval_or_exec_calls():
     for path in python_files():
         tree = ast.parse(path.read_text(), filename=str(path))
-        calls = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+        calls = [
+            node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        ]
         assert not {"eval", "exec"} & set(calls), path
 
 
@@ -49,7 +51,9 @@ def test_model_loading_is_local_only():
         text = path.read_text()
         for call in re.finditer(r"\.from_pretrained\(", text):
             window = text[call.start() : call.start() + 300]
-            assert "local_files_only=True" in window or "standin" in path.name, f"{path}: from_pretrained without local_files_only"
+            assert "local_files_only=True" in window or "standin" in path.name, (
+                f"{path}: from_pretrained without local_files_only"
+            )
 
 
 def test_reliability_table_names_real_tests():
@@ -58,7 +62,9 @@ def test_reliability_table_names_real_tests():
     cited = set(re.findall(r"`((?:integration/)?test_[a-z_]+\.py)::(test_[a-z0-9_]+)`", text))
     bare = set(re.findall(r"`(test_[a-z0-9_]+)`", text))
     assert len(cited) > 20
-    sources = {path.relative_to(ROOT / "tests").as_posix(): path.read_text() for path in (ROOT / "tests").rglob("test_*.py")}
+    sources = {
+        path.relative_to(ROOT / "tests").as_posix(): path.read_text() for path in (ROOT / "tests").rglob("test_*.py")
+    }
     for file, name in cited:
         assert f"def {name}(" in sources[file], f"RELIABILITY.md cites {file}::{name}, which does not exist"
     everything = "\n".join(sources.values())
@@ -72,7 +78,10 @@ def test_ruff_finds_nothing():
     import subprocess
     import sys
 
-    if shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode:
+    if (
+        shutil.which("ruff") is None
+        and subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode
+    ):
         import pytest
 
         pytest.skip("ruff is not installed (it is in requirements-dev.txt)")

@@ -32,7 +32,9 @@ def vlm_node(standalone_models):
 
 
 def encode(vlm, prompt, layout="free text", num_tokens=3, **images):
-    result = NODE_CLASS_MAPPINGS["ThinkDiffVLMEncode"]().encode(vlm, prompt, layout, num_tokens, 1, 0.6, 0.9, True, False, **images)
+    result = NODE_CLASS_MAPPINGS["ThinkDiffVLMEncode"]().encode(
+        vlm, prompt, layout, num_tokens, 1, 0.6, 0.9, True, False, **images
+    )
     return result["result"][0]
 
 
@@ -85,14 +87,28 @@ def test_100_kb_of_text_is_refused_with_the_limit(vlm_node):
 
 
 def test_non_ascii_text_and_words(vlm_node, shape_images):
-    features = encode(vlm_node, "赤\nblå\n緑 🟩", layout="in-context words", image_1=image_tensor_from_pil(shape_images[0]), image_2=image_tensor_from_pil(shape_images[1]))
+    features = encode(
+        vlm_node,
+        "赤\nblå\n緑 🟩",
+        layout="in-context words",
+        image_1=image_tensor_from_pil(shape_images[0]),
+        image_2=image_tensor_from_pil(shape_images[1]),
+    )
     assert features.num_tokens == 3 and isinstance(features.text[0], str)
 
 
 def test_only_image_markers(vlm_node, shape_images):
     content = interleaved_content("<image><image>", shape_images)
     assert [part["type"] for part in content] == ["image", "image"]
-    assert encode(vlm_node, "<image><image>", image_1=image_tensor_from_pil(shape_images[0]), image_2=image_tensor_from_pil(shape_images[1])).num_tokens == 3
+    assert (
+        encode(
+            vlm_node,
+            "<image><image>",
+            image_1=image_tensor_from_pil(shape_images[0]),
+            image_2=image_tensor_from_pil(shape_images[1]),
+        ).num_tokens
+        == 3
+    )
 
 
 # --- untrusted model folders ------------------------------------------------------------------------------------
@@ -123,7 +139,10 @@ def test_out_of_memory_says_what_to_change(tiny_vlm, shape_images):
     with pytest.raises(torch.OutOfMemoryError) as caught:  # still an OOM, so ComfyUI unloads its models after it
         encode_with_vlm(tiny_vlm, messages, GenerationSettings(num_tokens=5, greedy=True), on_token=out_of_memory)
     assert isinstance(caught.value, VlmOutOfMemoryError)
-    with pytest.raises(VlmOutOfMemoryError, match=r"out of memory while the VLM read \d+ prompt tokens \(1 image\(s\)\).*Use fewer or smaller images"):
+    with pytest.raises(
+        VlmOutOfMemoryError,
+        match=r"out of memory while the VLM read \d+ prompt tokens \(1 image\(s\)\).*Use fewer or smaller images",
+    ):
         encode_with_vlm(tiny_vlm, messages, GenerationSettings(num_tokens=5, greedy=True), on_token=out_of_memory)
     assert not final_norm(tiny_vlm.model)._forward_hooks  # the capture hook is gone after the failure
 

@@ -18,7 +18,9 @@ def full_forward_final_states(vlm, messages, generated_ids):
     inputs["input_ids"] = torch.cat([inputs["input_ids"], generated_ids], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     if "mm_token_type_ids" in inputs:  # generated tokens are text (type 0)
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], dim=1)
+        inputs["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], dim=1
+        )
     with torch.no_grad():
         out = vlm.model(**inputs, output_hidden_states=True)
     return out.hidden_states[-1]
@@ -47,7 +49,9 @@ def test_exact_token_count_even_past_eos(tiny_vlm, cobsat_messages):
     lm_head.bias.data[eos] = 1e4
     try:
         fixed = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=9, greedy=True))
-        stopping = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=9, greedy=True, stop_at_eos=True))
+        stopping = encode_with_vlm(
+            tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=9, greedy=True, stop_at_eos=True)
+        )
     finally:
         lm_head.bias = original
     assert fixed.generated_ids.shape == (1, 9) and fixed.lengths.tolist() == [9]
@@ -81,7 +85,9 @@ def test_progress_callback_ticks_per_token_and_can_cancel(tiny_vlm, cobsat_messa
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=50, greedy=True), on_token=cancel_at_three)
+        encode_with_vlm(
+            tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=50, greedy=True), on_token=cancel_at_three
+        )
 
 
 def test_batch_of_conversations_left_padded(tiny_vlm, shape_images):
@@ -95,24 +101,39 @@ def test_batch_of_conversations_left_padded(tiny_vlm, shape_images):
 
 
 def test_prompt_states_for_the_input_token_ablation(tiny_vlm, cobsat_messages):
-    out = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=2, greedy=True), keep_prompt_states=True)
+    out = encode_with_vlm(
+        tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=2, greedy=True), keep_prompt_states=True
+    )
     assert out.prompt_states.shape == (1, out.prompt_ids.shape[1], 64)
     torch.testing.assert_close(out.prompt_states[:, -1:], out.hidden_states[:, :1])
 
 
 def test_cobsat_layout_renders_official_text(tiny_vlm, shape_images):
     messages = chat_messages(cobsat_content(["red", "blue", "green"], shape_images))
-    text = tiny_vlm.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=True)
+    text = tiny_vlm.processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, add_vision_id=True
+    )
     vision = "<|vision_start|><|image_pad|><|vision_end|>"
     expected_user = (
         f"{COBSAT_QUESTION}\n\nWord 1: red, Picture 1: {vision}\n\nWord 2: blue, Picture 2: {vision}\n\nWord 3: green, "
     )
-    assert f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{expected_user}<|im_end|>\n<|im_start|>assistant\n" == text
+    assert (
+        f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{expected_user}<|im_end|>\n<|im_start|>assistant\n"
+        == text
+    )
 
 
 def test_layouts_and_their_errors(shape_images):
-    assert [p["type"] for p in layout_content("free text", "a <image> b <image>", shape_images)] == ["text", "image", "text", "image"]
-    assert [p["type"] for p in layout_content("free text", "a dog in this style", shape_images[:1])] == ["image", "text"]
+    assert [p["type"] for p in layout_content("free text", "a <image> b <image>", shape_images)] == [
+        "text",
+        "image",
+        "text",
+        "image",
+    ]
+    assert [p["type"] for p in layout_content("free text", "a dog in this style", shape_images[:1])] == [
+        "image",
+        "text",
+    ]
     with pytest.raises(PromptError, match="2 '<image>' marker"):
         layout_content("free text", "<image> <image>", shape_images[:1])
     with pytest.raises(PromptError, match="one word per image plus a final query word"):
@@ -171,7 +192,9 @@ def test_model_generation_config_cannot_add_a_repetition_penalty(tiny_vlm, cobsa
 
 def test_picture_labels_only_when_asked(tiny_vlm, cobsat_messages):
     tokenizer = tiny_vlm.processor.tokenizer
-    labelled = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=1, greedy=True), add_vision_id=True)
+    labelled = encode_with_vlm(
+        tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=1, greedy=True), add_vision_id=True
+    )
     plain = encode_with_vlm(tiny_vlm, cobsat_messages, GenerationSettings(num_tokens=1, greedy=True))
     assert "Picture 2: " in tokenizer.decode(labelled.prompt_ids[0])
     assert "Picture" not in tokenizer.decode(plain.prompt_ids[0])

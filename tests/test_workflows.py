@@ -115,15 +115,24 @@ class Executor:
         return (flux.text_conditioning(clip, t5xxl, guidance=guidance, max_sequence_length=256),)
 
     def core_ConditioningZeroOut(self, conditioning):
-        return ([[torch.zeros_like(c), {**o, "pooled_output": torch.zeros_like(o["pooled_output"])}] for c, o in conditioning],)
+        return (
+            [
+                [torch.zeros_like(c), {**o, "pooled_output": torch.zeros_like(o["pooled_output"])}]
+                for c, o in conditioning
+            ],
+        )
 
     def core_EmptySD3LatentImage(self, width, height, batch_size):
         assert width % 16 == 0 and height % 16 == 0
         return ({"width": SIZE, "height": SIZE, "batch_size": batch_size},)
 
-    def core_KSampler(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
+    def core_KSampler(
+        self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
+    ):
         assert cfg == 1.0 and sampler_name == "euler" and scheduler == "simple", "FLUX-dev settings of the recipe"
-        image = flux.render(model, positive, steps=STEPS, seed=seed, width=latent_image["width"], height=latent_image["height"])
+        image = flux.render(
+            model, positive, steps=STEPS, seed=seed, width=latent_image["width"], height=latent_image["height"]
+        )
         return ({"image": image, "conditioning": positive},)
 
     def core_VAEDecode(self, samples, vae):

@@ -41,7 +41,9 @@ _OUR_KEYS = tuple(_OFFICIAL_TO_OURS.values())
 _KNOWN_WIDTHS = {3584: ("lvlm", "Qwen/Qwen2-VL-7B-Instruct"), 1408: ("clip", "Salesforce/blip2-flan-t5-xxl")}
 
 
-def save_aligner(aligner: ThinkDiffAligner, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+def save_aligner(
+    aligner: ThinkDiffAligner, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None
+) -> Path:
     """Write `aligner` as safetensors with its spec in the header. The write is atomic (temp file + rename)."""
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in aligner.state_dict().items()}
     metadata = {f"thinkdiff.{key}": str(value) for key, value in aligner.spec.to_dict().items()}
@@ -119,7 +121,9 @@ def spec_from_state_dict(
             f"'{file_name}' has no ThinkDiff metadata and an input width of {input_dim}, which matches no released "
             f"aligner (3584 = lvlm for Qwen2-VL-7B, 1408 = clip for BLIP-2). Pass variant='lvlm' or 'clip' to load it."
         )
-    return AlignerSpec(variant=variant or known_variant, input_dim=input_dim, output_dim=output_dim, source_model=source_model)
+    return AlignerSpec(
+        variant=variant or known_variant, input_dim=input_dim, output_dim=output_dim, source_model=source_model
+    )
 
 
 def convert_official(src: str | os.PathLike, dst: str | os.PathLike, variant: str | None = None) -> Path:
@@ -142,11 +146,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def _check_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"aligner file '{path}' does not exist. Put the file in models/thinkdiff (or pass its full path).")
+        raise CheckpointError(
+            f"aligner file '{path}' does not exist. Put the file in models/thinkdiff (or pass its full path)."
+        )
     if path.is_dir():
-        raise CheckpointError(f"'{path}' is a directory; an aligner is a single '.safetensors' or '.pth' file. Choose the file inside it.")
+        raise CheckpointError(
+            f"'{path}' is a directory; an aligner is a single '.safetensors' or '.pth' file. Choose the file inside it."
+        )
     if path.stat().st_size == 0:
-        raise CheckpointError(f"'{path.name}' is empty (0 bytes), probably an interrupted download or copy. Download it again.")
+        raise CheckpointError(
+            f"'{path.name}' is empty (0 bytes), probably an interrupted download or copy. Download it again."
+        )
     return path
 
 
@@ -187,7 +197,9 @@ def _read_official_pickle(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"'{path.name}' holds a {type(loaded).__name__}, not a state dict: it is not a ThinkDiff aligner.")
+        raise CheckpointError(
+            f"'{path.name}' holds a {type(loaded).__name__}, not a state dict: it is not a ThinkDiff aligner."
+        )
     return {key.removeprefix("module."): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 

@@ -284,7 +284,11 @@ class FastDecoder:
                 if device.type == "cuda" and k % self.options.check_every == 0:
                     torch.cuda.current_stream(device).synchronize()  # keep progress (and Cancel) near the GPU
                 on_token(k + 1)
-            if is_finished is not None and k % self.options.check_every == 0 and bool(is_finished(ids[:, : k + 1]).all()):
+            if (
+                is_finished is not None
+                and k % self.options.check_every == 0
+                and bool(is_finished(ids[:, : k + 1]).all())
+            ):
                 steps = k
                 break
         return DecodeResult(ids[:, : steps + 1], hidden_states[:, :steps])
@@ -425,4 +429,3 @@ def _padded_batch(batch: int) -> int:
 def _repeat_first_row(batch: int, padded: int, device) -> torch.Tensor:
     """Row indices that fill a padded batch: the real rows, then row 0 again."""
     return torch.cat([torch.arange(batch, device=device), torch.zeros(padded - batch, dtype=torch.long, device=device)])
-

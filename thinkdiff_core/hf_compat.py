@@ -18,7 +18,9 @@ def import_transformers():
     try:
         import transformers
     except ImportError as error:
-        raise MissingDependencyError("the VLM needs the 'transformers' package: pip install 'transformers>=4.45'") from error
+        raise MissingDependencyError(
+            "the VLM needs the 'transformers' package: pip install 'transformers>=4.45'"
+        ) from error
     return transformers
 
 
@@ -65,7 +67,9 @@ def final_norm(model) -> torch.nn.Module:
             continue
         if isinstance(module, torch.nn.Module):
             return module
-    raise MissingDependencyError(f"cannot find the final norm of {type(model).__name__}; this model type is not supported yet.")
+    raise MissingDependencyError(
+        f"cannot find the final norm of {type(model).__name__}; this model type is not supported yet."
+    )
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

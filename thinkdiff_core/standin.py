@@ -134,10 +134,14 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * (half // 4), half // 4, half // 4]
 
 
-def build_aligner(input_dim: int, output_dim: int = 4096, source_model: str = "tiny-qwen2-vl", seed: int = 0, num_tokens: int = 16) -> ThinkDiffAligner:
+def build_aligner(
+    input_dim: int, output_dim: int = 4096, source_model: str = "tiny-qwen2-vl", seed: int = 0, num_tokens: int = 16
+) -> ThinkDiffAligner:
     """A random aligner (PyTorch's default Linear init, norm weight 1)."""
     torch.manual_seed(seed)
-    return ThinkDiffAligner(AlignerSpec("lvlm", input_dim, output_dim, source_model=source_model, num_tokens=num_tokens))
+    return ThinkDiffAligner(
+        AlignerSpec("lvlm", input_dim, output_dim, source_model=source_model, num_tokens=num_tokens)
+    )
 
 
 def build_flux_pipeline(seed: int = 0):
@@ -160,7 +164,11 @@ def build_flux_pipeline(seed: int = 0):
         guidance_embeds=True,
     )
     clip_tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
-    clip_tokenizer.bos_token, clip_tokenizer.eos_token, clip_tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
+    clip_tokenizer.bos_token, clip_tokenizer.eos_token, clip_tokenizer.pad_token = (
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    )
     clip_tokenizer.model_max_length = 77
     clip = CLIPTextModel(
         CLIPTextConfig(
@@ -179,7 +187,15 @@ def build_flux_pipeline(seed: int = 0):
     t5_tokenizer.pad_token, t5_tokenizer.eos_token, t5_tokenizer.unk_token = "<pad>", "</s>", "<unk>"
     t5_tokenizer.model_max_length = 512
     t5 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0)
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=4096,
+            d_ff=37,
+            d_kv=8,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+        )
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -294,7 +310,12 @@ def build_blip2_vision(path: str | Path, hidden_size: int = 48, seed: int = 0, f
 
     path = Path(path)
     config = Blip2VisionConfig(
-        hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=224, patch_size=14
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=14,
     )
     torch.manual_seed(seed)
     model = Blip2VisionModel(config).eval()
@@ -329,9 +350,25 @@ def build_clip(path: str | Path, seed: int = 0) -> Path:
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
     tokenizer.model_max_length = 77
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(seed)

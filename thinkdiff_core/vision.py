@@ -197,7 +197,9 @@ def _load_vision_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise ModelFolderError(f"'{path.name}' is not a readable safetensors file ({error}): extract or download it again.") from error
+        raise ModelFolderError(
+            f"'{path.name}' is not a readable safetensors file ({error}): extract or download it again."
+        ) from error
     if VISION_CONFIG_KEY not in metadata:
         raise ModelFolderError(
             f"'{path.name}' has no vision-tower config in its header: it was not made by "
@@ -250,7 +252,11 @@ def encode_vision_features(
     """Every image (PIL, or ComfyUI IMAGE tensors whose batches count as several images) -> one CPU float32 sequence."""
     if token_grid not in TOKEN_GRIDS:
         raise PromptError(f"unknown token grid {token_grid!r}; choose one of {list(TOKEN_GRIDS)}")
-    pictures = [pil for image in images for pil in (pil_images_from_tensor(image) if isinstance(image, torch.Tensor) else [image])]
+    pictures = [
+        pil
+        for image in images
+        for pil in (pil_images_from_tensor(image) if isinstance(image, torch.Tensor) else [image])
+    ]
     tokens = encode_images(vision_model, pictures, downsample_factor=TOKEN_GRIDS[token_grid], as_one_sequence=True)
     return VisionFeatures(
         hidden_states=tokens.float().cpu(),

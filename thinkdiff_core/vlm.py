@@ -106,12 +106,14 @@ def model_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_vision
     inputs = prepare_inputs(vlm, conversations, add_vision_id=add_vision_id)
     inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(
+            next(model.visual.parameters()).dtype if hasattr(model, "visual") else model.dtype
+        )
     return inputs
 
 
 def resolve_engine(vlm: VlmBundle, engine: str, device: torch.device) -> str:
-    """"auto": the fast engine on CUDA where it supports the model, else transformers' generate."""
+    """ "auto": the fast engine on CUDA where it supports the model, else transformers' generate."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "generate":

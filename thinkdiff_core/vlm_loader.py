@@ -98,7 +98,11 @@ def load_vlm(
     quantized = quantization_kwargs(transformers, quantization, dtype, torch.device(device))
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     vlm_class = model_class(transformers, config.model_type)
-    backends = ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :] if attn_implementation in ATTENTION_BACKENDS else (attn_implementation, "sdpa", "eager")
+    backends = (
+        ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :]
+        if attn_implementation in ATTENTION_BACKENDS
+        else (attn_implementation, "sdpa", "eager")
+    )
     last_error: Exception | None = None
     for backend in dict.fromkeys(backends):
         try:
@@ -118,7 +122,9 @@ def load_vlm(
             last_error = error
     else:
         raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
-    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    processor = transformers.AutoProcessor.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
     if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
         model.to(device)
     model.eval().requires_grad_(False)
@@ -152,7 +158,9 @@ def quantization_kwargs(transformers, quantization: str, dtype: torch.dtype, dev
     if quantization == "8-bit":
         config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
-        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
@@ -165,10 +173,14 @@ def check_model_folder(path: str | Path) -> Path:
             f"with config.json and *.safetensors) under models/LLM/."
         )
     if not (path / "config.json").is_file():
-        raise ModelFolderError(f"'{path}' has no config.json: it is not a complete Hugging Face model folder. Download the whole repository.")
+        raise ModelFolderError(
+            f"'{path}' has no config.json: it is not a complete Hugging Face model folder. Download the whole repository."
+        )
     weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
     if not weights:
-        raise ModelFolderError(f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too.")
+        raise ModelFolderError(
+            f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too."
+        )
     return path
 
 
