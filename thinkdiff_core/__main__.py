@@ -29,6 +29,12 @@ LAYOUT_ALIASES = {
 }
 
 
+def program_name(module_form: str) -> str:
+    """The name in usage lines: the console script's own (`thinkdiff`), else how `python -m` ran it."""
+    invoked = Path(sys.argv[0]).name
+    return invoked if invoked.startswith("thinkdiff") else module_form
+
+
 def add_convert_parser(commands) -> None:
     convert = commands.add_parser("convert", help="convert an official thinkdiff_*.pth aligner to safetensors")
     convert.add_argument("src", help="official checkpoint, e.g. thinkdiff_lvlm.pth")
@@ -187,7 +193,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m thinkdiff_core", description="ThinkDiff utilities")
+    parser = argparse.ArgumentParser(prog=program_name("python -m thinkdiff_core"), description="ThinkDiff utilities")
     commands = parser.add_subparsers(dest="command", required=True)
     add_convert_parser(commands)
     add_generate_parser(commands)

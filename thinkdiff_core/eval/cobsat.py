@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ..__main__ import add_generation_arguments, add_model_arguments
 
     parser = argparse.ArgumentParser(
-        prog="python -m thinkdiff_core.eval.cobsat",
+        # the console script's own name (thinkdiff-cobsat), else how `python -m` ran it
+        prog=Path(sys.argv[0]).name
+        if Path(sys.argv[0]).name.startswith("thinkdiff")
+        else "python -m thinkdiff_core.eval.cobsat",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
