@@ -113,7 +113,7 @@ def model_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_vision
 
 
 def resolve_engine(vlm: VlmBundle, engine: str, device: torch.device) -> str:
-    """ "auto": the fast engine on CUDA where it supports the model, else transformers' generate."""
+    """The engine that runs: "auto" is the fast engine on CUDA where it supports the model, else transformers'."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "generate":
@@ -139,7 +139,7 @@ def encode_with_vlm(
     add_vision_id: bool = False,
     engine: str | None = None,
 ) -> VlmFeatures:
-    """Generate and capture final-norm states of the generated tokens (official alignment, see module docstring).
+    """Generate and capture final-norm states of the generated tokens (the official alignment, see capture.py).
 
     conversations: one chat (a list of messages) or a batch of them.
     on_token(n): called after each generated token with the count so far; raising from it stops generation
