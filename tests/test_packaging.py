@@ -194,3 +194,15 @@ def test_pip_install_outside_the_checkout_gives_the_library_and_console_scripts(
             [tmp_path / "venv" / "bin" / script, "--help"], cwd=elsewhere, capture_output=True, text=True
         )
         assert result.returncode == 0 and "usage:" in result.stdout, (script, result.stderr[-2000:])
+
+
+def test_every_library_package_is_listed_for_installation():
+    """pyproject lists the packages explicitly (train/ installs under another name), so a new subpackage that is not
+    added there would be missing from `pip install .` without any error."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "thinkdiff_core").rglob("__init__.py")}
+    found |= {
+        "thinkdiff_train." + ".".join(p.parent.relative_to(ROOT / "train").parts)
+        for p in (ROOT / "train").rglob("*/__init__.py")
+    }
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
