@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from bench_common import (
     add_engine_arguments,
     build_vlm,
@@ -28,7 +29,6 @@ from bench_common import (
     peak_memory,
     timed,
 )
-
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin
 from thinkdiff_core.generation import generate_kwargs
 from thinkdiff_core.prompts import chat_messages, interleaved_content

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
+
 from bench_common import (
     add_engine_arguments,
     allocated_after_release,
@@ -33,8 +35,6 @@ from bench_common import (
     teacher_forced,
     timed,
 )
-from torch._dynamo.utils import counters
-
 from thinkdiff_core import GenerationSettings, encode_with_vlm, standin
 from thinkdiff_core.generation import generate_kwargs
 from thinkdiff_core.prompts import chat_messages, cobsat_content

@@ -7,9 +7,9 @@ models the engine does not reproduce. CUDA graph capture itself needs a GPU: ben
 
 import pytest
 import torch
-from bench_common import teacher_forced
 from torch._dynamo.utils import counters
 
+from bench_common import teacher_forced
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.fast_decode import FastDecodeOptions, FastDecoder, unsupported_reason
 from thinkdiff_core.prompts import chat_messages, cobsat_content, interleaved_content, text_part
