@@ -1,5 +1,10 @@
 """ThinkDiff node classes (ComfyUI V1 API) and their registration."""
 
+import logging
+from pathlib import Path
+
+import thinkdiff_core
+
 from . import comfy_adapter
 from .conditioning import ThinkDiffConditioning
 from .encode import ThinkDiffVLMEncode
@@ -7,6 +12,16 @@ from .loaders import ThinkDiffAlignerLoader, ThinkDiffVLMLoader
 from .vision import ThinkDiffVisionEncode, ThinkDiffVisionLoader
 
 comfy_adapter.register_model_folders()
+
+if Path(thinkdiff_core.__file__).resolve().parents[1] != Path(__file__).resolve().parents[1]:
+    # An installed copy (pip install thinkdiff into ComfyUI's Python) comes first on sys.path: the nodes would run
+    # another version's library without a word.
+    logging.getLogger("thinkdiff").warning(
+        "ThinkDiff: thinkdiff_core is imported from %s, not from this pack (%s), so the nodes may run another "
+        "version's code. Fix: `pip uninstall thinkdiff` in ComfyUI's Python, or `pip install -e` this pack folder.",
+        Path(thinkdiff_core.__file__).parent,
+        Path(__file__).resolve().parents[1],
+    )
 
 NODE_CLASS_MAPPINGS = {
     "ThinkDiffVLMLoader": ThinkDiffVLMLoader,

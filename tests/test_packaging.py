@@ -206,3 +206,24 @@ def test_every_library_package_is_listed_for_installation():
         for p in (ROOT / "train").rglob("*/__init__.py")
     }
     assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+
+
+def test_nodes_warn_when_an_installed_core_shadows_the_packs_own(tmp_path):
+    """A stale `pip install thinkdiff` in ComfyUI's Python would otherwise run silently under the pack's nodes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "thinkdiff_core", tmp_path / "site" / "thinkdiff_core")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    probe = "import logging; logging.basicConfig(); import nodes"
+    shadowed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (
+        shadowed.returncode == 0
+        and "not from this pack" in shadowed.stderr
+        and "pip uninstall thinkdiff" in shadowed.stderr
+    )
+    env["PYTHONPATH"] = str(ROOT)
+    own = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert own.returncode == 0 and "not from this pack" not in own.stderr, own.stderr[-2000:]
