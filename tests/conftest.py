@@ -58,9 +58,9 @@ def standalone_models(models_root):
 def tiny_train_data(tmp_path_factory):
     """train/make_tiny_data.py's output: models/{t5,qwen2vl,blip2_vision}, shards/train-00{0,1}.tar (20 pictures + 1
     corrupt one), val.jsonl (4 pictures)."""
-    from train import make_tiny_data
+    from thinkdiff_train.make_tiny_data import write_tiny_data
 
-    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_train")), "--train-images", "20", "--val-images", "4"])
+    return write_tiny_data(tmp_path_factory.mktemp("tiny_train"), train_images=20, val_images=4)
 
 
 def tiny_overrides(data_dir, **extra) -> list[str]:
@@ -83,9 +83,10 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_features(tiny_train_data):
     """LVLM training features of the tiny data (3 shards of at most 8 samples, 12 tokens each at most)."""
-    from train import extract_features
+    from thinkdiff_train.config import load_config
+    from thinkdiff_train.extract_features import extract
 
-    return extract_features.main(["--config", "train/configs/tiny.yaml", *tiny_overrides(tiny_train_data)])
+    return extract(load_config("train/configs/tiny.yaml", tiny_overrides(tiny_train_data)[1::2]))  # KEY=VALUE only
 
 
 @pytest.fixture(scope="session")

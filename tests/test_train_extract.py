@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from train import extract_features
-from train.data import FeatureShards
+from conftest import tiny_overrides
+from thinkdiff_train import extract_features
+from thinkdiff_train.data import FeatureShards
 
 
 def read_shards(directory):
@@ -59,7 +59,7 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(
     first_shard_written = (tmp_path / "shard-000000.safetensors").stat().st_mtime_ns
 
     monkeypatch.setattr(extract_features, "write_feature_shard", real_write)
-    extract_features.main(argv)
+    assert extract_features.main(argv) == 0
     assert (tmp_path / "shard-000000.safetensors").stat().st_mtime_ns == first_shard_written  # finished: skipped
     resumed, uninterrupted = read_shards(tmp_path), read_shards(tiny_features)
     assert list(resumed) == list(uninterrupted)
@@ -73,11 +73,11 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(
 def test_fast_engine_extraction_writes_the_same_kind_of_shards(tiny_train_data, tmp_path):
     """--engine fast (the GPU default) on CPU: one shard, each sample's features and token ids of one length; the
     prompt-state ablation still lines up."""
-    out = extract_features.main(
+    assert extract_features.main(
         ["--config", "train/configs/tiny.yaml", "--engine", "fast", "--max-shards", "1",
          *tiny_overrides(tiny_train_data, features_dir=tmp_path / "fast")]
-    )  # fmt: skip
-    shards = read_shards(out)
+    ) == 0  # fmt: skip
+    shards = read_shards(tmp_path / "fast")
     info, tensors = shards["shard-000000"]
     lengths = [s["length"] for s in info["samples"]]
     assert len(lengths) + len(info["skipped"]) == 8 and all(1 <= n <= 12 for n in lengths)

@@ -30,24 +30,18 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find thinkdiff_core
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from thinkdiff_core.errors import ThinkDiffError  # noqa: E402
-from thinkdiff_core.vlm import (  # noqa: E402
-    ENGINES,
-    GenerationSettings,
-    chat_messages,
-    encode_with_vlm,
-    image_part,
-    load_vlm,
-    text_part,
-)
-from train.config import ConfigError, load_config  # noqa: E402
-from train.data import list_samples, load_image, shard_is_complete, write_feature_shard  # noqa: E402
+from thinkdiff_core.dtypes import torch_dtype
+from thinkdiff_core.errors import ThinkDiffError
+from thinkdiff_core.generation import GenerationSettings
+from thinkdiff_core.prompts import chat_messages, image_part, text_part
+from thinkdiff_core.vlm import encode_with_vlm
+from thinkdiff_core.vlm_loader import ENGINES, load_vlm
+from thinkdiff_train.config import Config, ConfigError, load_config
+from thinkdiff_train.data import list_samples, load_image, shard_is_complete, write_feature_shard
 
 logger = logging.getLogger("thinkdiff.extract")
 
@@ -71,8 +65,6 @@ INSTRUCTIONS = (
     "Turn this image into a short prompt for an image generation model.",
     "Give a comma-separated list of keywords that an image generator could use to recreate this picture.",
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +90,7 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
 
 
-def generation_settings(config, shard: int, batch_number: int) -> GenerationSettings:
+def generation_settings(config: Config, shard: int, batch_number: int) -> GenerationSettings:
     """Recipe section 5 (training precompute): temperature 0.6, top-p 0.9, top-k off, at most 256 tokens, stop at EOS.
     The sampling seed is derived from the shard and batch, so a redone shard samples the same tokens."""
     return GenerationSettings(
@@ -118,12 +110,12 @@ def leading_padding(prompt_ids: torch.Tensor, pad_id: int | None) -> int:
     return int(not_pad[0]) if len(not_pad) else len(prompt_ids)
 
 
-def extract_shard(vlm, samples, shard: int, config) -> tuple[list[dict], list[dict]]:
+def extract_shard(vlm, samples, shard: int, config: Config) -> tuple[list[dict], list[dict]]:
     """Run the VLM over one shard's samples in batches; return (records, skipped)."""
     first = shard * config.samples_per_shard
     indices = range(first, min(first + config.samples_per_shard, len(samples)))
     records, skipped = [], []
-    feature_dtype = DTYPES[config.feature_dtype]
+    feature_dtype = torch_dtype(config.feature_dtype)
     pad_id = vlm.processor.tokenizer.pad_token_id
     for batch_number, start in enumerate(range(indices.start, indices.stop, config.extract_batch_size)):
         batch = []
@@ -170,9 +162,9 @@ def extract_shard(vlm, samples, shard: int, config) -> tuple[list[dict], list[di
     return records, skipped
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    config = load_config(args.config, args.overrides, features_dir=args.features_dir)
+def extract(config: Config, max_shards: int | None = None, engine: str = "auto") -> Path:
+    """Write the feature shards of `config` that are not finished yet (this process's share of them); return
+    features_dir. max_shards: stop after this many shards in total, for trials."""
     if not config.features_dir:
         raise ConfigError("features_dir is empty: set it in the config or pass --features-dir DIR.")
     if not config.vlm_path:
@@ -185,8 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     samples = list_samples(config.train_data)
     num_shards = -(-len(samples) // config.samples_per_shard)
-    if args.max_shards is not None:
-        num_shards = min(num_shards, args.max_shards)
+    if max_shards is not None:
+        num_shards = min(num_shards, max_shards)
     todo = [shard for shard in range(num_shards) if not shard_is_complete(features_dir, shard)]
     mine = todo[state.process_index :: state.num_processes]  # round robin over processes
     logger.info(
@@ -200,10 +192,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     vlm = load_vlm(
         config.vlm_path,
-        dtype=DTYPES[config.frozen_dtype],
+        dtype=torch_dtype(config.frozen_dtype),
         device=state.device,
         max_image_pixels=config.max_image_pixels,
-        engine=args.engine,
+        engine=engine,
     )
 
     info = {
@@ -231,8 +223,17 @@ def main(argv: list[str] | None = None) -> Path:
     return features_dir
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 once the shards are written; a ThinkDiffError (a config or data problem the user can fix)
+    prints one line saying what to do, and gives 2."""
+    args = parse_args(argv)
     try:
-        main()
+        extract(load_config(args.config, args.overrides, features_dir=args.features_dir), args.max_shards, args.engine)
     except ThinkDiffError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

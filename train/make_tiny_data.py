@@ -23,9 +23,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find thinkdiff_core
-
-from thinkdiff_core import standin  # noqa: E402
+from thinkdiff_core import standin
+from thinkdiff_core.errors import ThinkDiffError
 
 logger = logging.getLogger("thinkdiff.tiny")
 
@@ -59,24 +58,30 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    out = Path(args.out)
-    if not args.skip_models:
+def write_tiny_data(
+    out: str | Path,
+    train_images: int = 48,
+    val_images: int = 8,
+    shards: int = 2,
+    corrupt: int = 1,
+    skip_models: bool = False,
+) -> Path:
+    """Write the tiny models and pictures under `out` (see above); return `out` as a Path."""
+    out = Path(out)
+    if not skip_models:
         standin.build_t5(out / "models" / "t5")
         standin.build_qwen2vl(out / "models" / "qwen2vl")
         standin.build_blip2_vision(out / "models" / "blip2_vision")
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    pictures = list(shape_pictures(args.train_images))
-    per_shard = -(-len(pictures) // args.shards)
-    for shard in range(args.shards):
+    pictures = list(shape_pictures(train_images))
+    per_shard = -(-len(pictures) // shards)
+    for shard in range(shards):
         members = []
         for key, png, caption in pictures[shard * per_shard : (shard + 1) * per_shard]:
             members += [(f"{key}.png", png), (f"{key}.txt", caption.encode())]
         if shard == 0:
-            for number in range(args.corrupt):  # a truncated PNG: unreadable, must be skipped, never fatal
+            for number in range(corrupt):  # a truncated PNG: unreadable, must be skipped, never fatal
                 members += [
                     (f"corrupt{number}.png", pictures[0][1][:60]),
                     (f"corrupt{number}.txt", b"A broken picture."),
@@ -85,12 +90,24 @@ def main(argv: list[str] | None = None) -> Path:
 
     (out / "val").mkdir(exist_ok=True)
     with (out / "val.jsonl").open("w") as handle:
-        for key, png, caption in shape_pictures(args.val_images, start=args.train_images):
+        for key, png, caption in shape_pictures(val_images, start=train_images):
             (out / "val" / f"{key}.png").write_bytes(png)
             handle.write(json.dumps({"image": f"val/{key}.png", "caption": caption}) + "\n")
     logger.info("tiny models and data in %s", out)
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 once everything is written; a ThinkDiffError prints one line and gives 2."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        write_tiny_data(args.out, args.train_images, args.val_images, args.shards, args.corrupt, args.skip_models)
+    except ThinkDiffError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
