@@ -28,36 +28,21 @@ import contextlib
 import copy
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import environment  # noqa: E402
-
-from thinkdiff_core import AlignerSpec, ThinkDiffAligner  # noqa: E402
-from train.config import Config  # noqa: E402
-from train.train_aligner import (  # noqa: E402
-    IGNORE_INDEX,
-    FrozenModels,
-    StepSampler,
-    TargetCrossEntropy,
-    build_optimizer,
-    collate,
-    compile_frozen_models,
-    draw_split,
-    sample_rng,
-    to_device,
-    token_losses,
-)
+from bench_common import environment  # found beside this script, or through pytest's pythonpath
+from thinkdiff_core import AlignerSpec, ThinkDiffAligner
+from thinkdiff_train.config import Config
+from thinkdiff_train.objective import FrozenModels, TargetCrossEntropy, compile_frozen_models, token_losses
+from thinkdiff_train.sampler import StepSampler
+from thinkdiff_train.tasks import IGNORE_INDEX, collate, draw_split, sample_rng, to_device
+from thinkdiff_train.train_aligner import build_optimizer
 
 # google/flan-t5-xxl's config.json, the dims that set the cost; the aligner reads Qwen2-VL-7B's 3584-wide states.
 FLAN_T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_decoder_layers=24)
@@ -132,7 +117,8 @@ def build_aligner(input_dim: int, output_dim: int, device: torch.device) -> Thin
 
 
 def make_batch(lengths: list[tuple[int, int]], width: int, vocab: int, multiple: int, seed: int) -> dict:
-    """A CPU batch as train_aligner.collate makes it: random features and target ids of the given lengths."""
+    """A CPU batch as training's collate (train/tasks.py) makes it: random features and target ids of the given
+    lengths."""
     generator = torch.Generator().manual_seed(seed)
     items = [
         {
@@ -358,7 +344,7 @@ def time_mix(path: StepPath, batches: list, multiple: int, count: int, warmup: i
 
 def length_mix_orders(args, samples: list[tuple[int, int]]) -> dict:
     """One bucketing window of the mix as global batches of lengths: random (padded to the longest, as before) and
-    bucketed by train_aligner's sampler (padded to multiples of pad_to_multiple)."""
+    bucketed by training's sampler (train/sampler.py; padded to multiples of pad_to_multiple)."""
     lengths_of = lambda items: [samples[position] for _, position in items]  # noqa: E731
     orders = {}
     for name, lengths, multiple in (("unbucketed", None, 1), ("bucketed", lengths_of, args.pad_to_multiple)):

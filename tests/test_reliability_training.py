@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from train import extract_features, train_aligner
+from conftest import tiny_overrides
+from thinkdiff_train import extract_features, train_aligner
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train" / "train_aligner.py")
@@ -32,7 +32,7 @@ SEED = int(os.environ.get("THINKDIFF_FAULT_SEED", "20261127"))  # kill points ar
 
 
 def environment():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}  # no PYTHONPATH: the scripts run on the editable install
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -41,12 +41,22 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def run(script: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def kill_when(script: str, args: list[str], ready, timeout: float = 120.0) -> None:
     """Start the script and SIGKILL it as soon as ready() is true."""
-    process = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, script, *args], cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -70,9 +80,15 @@ def checkpoints_are_whole(checkpoint_dir: Path) -> list[int]:
 
 
 def test_training_killed_three_times_resumes_to_the_same_curve(tiny_train_data, tiny_features, tmp_path):
-    settings = ["--config", "train/configs/tiny.yaml", "--max-steps", "16", *tiny_overrides(tiny_train_data, checkpoint_every=3, eval_every=8)]
+    settings = [
+        "--config",
+        "train/configs/tiny.yaml",
+        "--max-steps",
+        "16",
+        *tiny_overrides(tiny_train_data, checkpoint_every=3, eval_every=8),
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    train_aligner.main([*settings, "--output-dir", str(reference)])
+    assert train_aligner.main([*settings, "--output-dir", str(reference)]) == 0
 
     rng = random.Random(SEED)
     kill_steps = [rng.randint(2, 5)]
@@ -83,7 +99,7 @@ def test_training_killed_three_times_resumes_to_the_same_curve(tiny_train_data, 
         resume = ["--resume"] if checkpoints_are_whole(killed / "checkpoints") else []
         kill_when(TRAIN, [*settings, "--output-dir", str(killed), *resume], lambda: len(metrics(killed)) >= kill_step)
         checkpoints_are_whole(killed / "checkpoints")
-    train_aligner.main([*settings, "--output-dir", str(killed), "--resume"])
+    assert train_aligner.main([*settings, "--output-dir", str(killed), "--resume"]) == 0
 
     want, got = metrics(reference), metrics(killed)
     assert [row["step"] for row in got] == list(range(1, 17)), f"kill points {kill_steps}"
@@ -99,9 +115,15 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 
 def test_a_failed_checkpoint_save_keeps_the_previous_one_and_says_why(tiny_train_data, tiny_features, tmp_path):
-    settings = ["--config", "train/configs/tiny.yaml", "--output-dir", str(tmp_path), *tiny_overrides(tiny_train_data, checkpoint_every=4, report_to="none")]
-    train_aligner.main([*settings, "--max-steps", "4"])
-    (step, ) = checkpoints_are_whole(tmp_path / "checkpoints")
+    settings = [
+        "--config",
+        "train/configs/tiny.yaml",
+        "--output-dir",
+        str(tmp_path),
+        *tiny_overrides(tiny_train_data, checkpoint_every=4, report_to="none"),
+    ]
+    assert train_aligner.main([*settings, "--max-steps", "4"]) == 0
+    (step,) = checkpoints_are_whole(tmp_path / "checkpoints")
     previous = next((tmp_path / "checkpoints").glob("checkpoint-*"))
     before = file_digests(previous)
     largest = max(p.stat().st_size for p in previous.iterdir())
@@ -111,7 +133,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one_and_says_why(tiny_train
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     failed = run(TRAIN, [*settings, "--max-steps", "8", "--resume"], preexec_fn=small_files_only)
-    assert failed.returncode != 0
+    assert failed.returncode == 2  # a ThinkDiffError: one line saying what to do, no traceback
     message = failed.stderr.strip().splitlines()[-1]
     assert message.startswith("error: could not write checkpoint-0000008") and "Free disk space" in message, message
     assert f"the previous checkpoint {previous.name} (step {step}) is intact" in failed.stderr
@@ -119,7 +141,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one_and_says_why(tiny_train
     assert checkpoints_are_whole(tmp_path / "checkpoints") == [4] and file_digests(previous) == before
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
-    train_aligner.main([*settings, "--max-steps", "8", "--resume"])  # space is back: it continues from step 4
+    assert train_aligner.main([*settings, "--max-steps", "8", "--resume"]) == 0  # space is back: from step 4 on
     assert checkpoints_are_whole(tmp_path / "checkpoints") == [4, 8]
 
 
@@ -134,17 +156,21 @@ def read_shards(directory: Path) -> dict:
 def test_extraction_killed_mid_shard_resumes_without_duplicates_or_gaps(tiny_train_data, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     settings = ["--config", "train/configs/tiny.yaml", "--max-shards", "2", *tiny_overrides(tiny_train_data)]
-    extract_features.main([*settings, "--features-dir", str(reference)])
+    assert extract_features.main([*settings, "--features-dir", str(reference)]) == 0
     # SIGKILL while the second shard is being generated: the first is finished, the second is not
     kill_when(EXTRACT, [*settings, "--features-dir", str(killed)], lambda: (killed / "shard-000000.json").is_file())
     assert not (killed / "shard-000001.json").exists()
     finished_first = (killed / "shard-000000.safetensors").stat().st_mtime_ns
-    extract_features.main([*settings, "--features-dir", str(killed)])
+    assert extract_features.main([*settings, "--features-dir", str(killed)]) == 0
     assert (killed / "shard-000000.safetensors").stat().st_mtime_ns == finished_first  # finished shards are skipped
 
     want, got = read_shards(reference), read_shards(killed)
     assert list(got) == list(want)
-    ids = [sample["key"] if isinstance(sample, dict) and "key" in sample else json.dumps(sample, sort_keys=True) for samples, _ in got.values() for sample in samples]
+    ids = [
+        sample["key"] if isinstance(sample, dict) and "key" in sample else json.dumps(sample, sort_keys=True)
+        for samples, _ in got.values()
+        for sample in samples
+    ]
     assert len(ids) == len(set(ids)), "a sample was stored twice"
     for name, (samples, tensors) in want.items():
         assert got[name][0] == samples, name

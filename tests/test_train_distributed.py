@@ -14,10 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from thinkdiff_core import load_aligner
-from train import train_aligner
+from thinkdiff_train import train_aligner
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train" / "train_aligner.py")
@@ -28,8 +28,9 @@ def metrics(run_dir):
 
 
 def environment():
-    # One thread per process: the test machines have 2 cores, and 2 processes must not oversubscribe them.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # One thread per process: the test machines have 2 cores, and 2 processes must not oversubscribe them. No
+    # PYTHONPATH: the script finds thinkdiff_core and thinkdiff_train as installed (pip install -e .).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def free_port() -> int:
@@ -103,10 +104,9 @@ def test_two_process_run_agrees_with_one_process_and_resumes_after_a_kill(tiny_t
     assert 12 <= len(before_kill) < 30, len(before_kill)
 
     one_process = [*settings, "--set", "gradient_accumulation_steps=2"]
-    train_aligner.main(
-        ["--config", "train/configs/tiny.yaml", "--output-dir", str(reference), "--max-steps", "30", *one_process]
-    )
-    resumed = train_aligner.main(
+    reference_argv = ["--config", "train/configs/tiny.yaml", "--output-dir", str(reference), "--max-steps", "30"]
+    assert train_aligner.main([*reference_argv, *one_process]) == 0
+    resume_exit = train_aligner.main(
         [
             "--config",
             "train/configs/tiny.yaml",
@@ -118,6 +118,7 @@ def test_two_process_run_agrees_with_one_process_and_resumes_after_a_kill(tiny_t
             *one_process,
         ]
     )
+    assert resume_exit == 0
     want = metrics(reference)
     for have, expected in zip(before_kill, want):  # logged by the 2 processes
         assert have["loss"] == pytest.approx(expected["loss"], rel=1e-5), expected["step"]
@@ -126,6 +127,6 @@ def test_two_process_run_agrees_with_one_process_and_resumes_after_a_kill(tiny_t
     for have, expected in zip(got, want):
         assert have["loss"] == pytest.approx(expected["loss"], rel=1e-5), expected["step"]
         assert have.get("val_loss", 0) == pytest.approx(expected.get("val_loss", 0), rel=1e-5)
-    single = load_aligner(reference / "aligner.safetensors")
+    single, resumed = load_aligner(reference / "aligner.safetensors"), load_aligner(killed / "aligner.safetensors")
     for key, value in single.state_dict().items():
         assert (resumed.state_dict()[key] - value).abs().max() < 1e-5, key

@@ -11,27 +11,26 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
+from thinkdiff_core import AlignerSpec, ThinkDiffAligner
 from thinkdiff_core.vision import load_vision_encoder
-from train import train_aligner
-from train.config import load_config
-from train.train_aligner import (
+from thinkdiff_train import train_aligner
+from thinkdiff_train.config import load_config
+from thinkdiff_train.objective import (
     FrozenModels,
-    StepSampler,
     TargetCrossEntropy,
-    build_aligner,
-    build_tasks,
-    collate,
     compile_frozen_models,
-    draw_split,
     load_frozen_t5,
     token_losses,
 )
+from thinkdiff_train.sampler import StepSampler
+from thinkdiff_train.tasks import build_tasks, collate, draw_split, sample_rng
+from thinkdiff_train.train_aligner import build_aligner
 
 
 def tiny_config(data_dir, config="train/configs/tiny.yaml", **extra):
-    """A tiny config pointed at the tiny data, as train_aligner.main would read it."""
+    """A tiny config pointed at the tiny data, as train_aligner.main would read it from --set arguments."""
     return load_config(config, tiny_overrides(data_dir, **extra)[1::2])  # the KEY=VALUE after each --set
 
 
@@ -39,9 +38,9 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train(data_dir, run_dir, *args, **overrides):
-    argv = ["--config", "train/configs/tiny.yaml", "--output-dir", str(run_dir), *args]
-    return train_aligner.main([*argv, *tiny_overrides(data_dir, **overrides)])
+def train(data_dir, run_dir, max_steps: int, resume=False, **overrides):
+    config = tiny_config(data_dir, output_dir=run_dir, max_steps=max_steps, **overrides)
+    return train_aligner.train(config, resume=resume)
 
 
 def t5_loss(t5, aligned, mask, labels) -> torch.Tensor:
@@ -56,7 +55,7 @@ def mixed_lengths(count: int, seed: int = 0) -> list[tuple[int, int]]:
     rng, mix = random.Random(seed), []
     for position in range(count):
         length = rng.randint(128, 256)
-        prefix = draw_split(length, train_aligner.sample_rng(seed, 0, position), 128)
+        prefix = draw_split(length, sample_rng(seed, 0, position), 128)
         mix.append((prefix, min(length - prefix, 127) + 1))
     return mix
 
@@ -138,7 +137,7 @@ def test_bucketing_puts_similar_lengths_together():
 
 @pytest.mark.parametrize("variant", ["lvlm", "lvlm-input", "lvlm-nosplit", "clip"])
 def test_lengths_are_those_of_the_items_without_reading_features(tiny_train_data, tiny_features, variant):
-    extra = {"lvlm-input": {"features": "input"}, "lvlm-nosplit": {"split": False}}.get(variant, {})
+    extra = {"lvlm-input": {"feature_source": "input"}, "lvlm-nosplit": {"split": False}}.get(variant, {})
     config = tiny_config(tiny_train_data, f"train/configs/tiny{'_clip' if variant == 'clip' else ''}.yaml", **extra)
     t5, tokenizer = load_frozen_t5(config.t5_path, torch.float32)
     vision = load_vision_encoder(config.vision_path, torch.float32, "cpu") if variant == "clip" else None
@@ -178,7 +177,7 @@ def padded_batch(pad_to_multiple: int, lengths=((3, 9), (11, 2), (1, 1), (7, 13)
 
 @pytest.mark.parametrize("pad_to_multiple", [1, 8])
 def test_gathered_loss_equals_t5s_own_loss(tiny_t5, pad_to_multiple):
-    aligner = train_aligner.ThinkDiffAligner(train_aligner.AlignerSpec("lvlm", input_dim=64, output_dim=32))
+    aligner = ThinkDiffAligner(AlignerSpec("lvlm", input_dim=64, output_dim=32))
     batch = padded_batch(pad_to_multiple)
     loss_sum, count = token_losses(aligner, FrozenModels(tiny_t5, TargetCrossEntropy(tiny_t5)), batch)
     ours = loss_sum / count
@@ -196,12 +195,16 @@ def test_gathered_loss_equals_t5s_own_loss(tiny_t5, pad_to_multiple):
 def test_the_step_never_asks_the_device_for_a_python_value(tiny_t5, monkeypatch):
     """No host synchronisation inside the loss: on a GPU a `bool(tensor)` or `.item()` there would make the CPU wait
     for every step before queueing the next. transformers asks `mask.all()` of a 2D padding mask, hence the 4D one."""
-    aligner = train_aligner.ThinkDiffAligner(train_aligner.AlignerSpec("lvlm", input_dim=64, output_dim=32))
+    aligner = ThinkDiffAligner(AlignerSpec("lvlm", input_dim=64, output_dim=32))
     batch, frozen = padded_batch(8), FrozenModels(tiny_t5, TargetCrossEntropy(tiny_t5))
     asked = []
     for name in ("__bool__", "item", "tolist"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original: asked.append(_name) or _original(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _name=name, _original=original: asked.append(_name) or _original(self, *a),
+        )
     loss_sum, count = token_losses(aligner, frozen, batch)
     (loss_sum / 25).backward()
     monkeypatch.undo()
@@ -247,7 +250,7 @@ def test_compiled_blocks_match_eager_with_one_graph_per_kind_of_block(tiny_t5, c
     )
     t5 = T5ForConditionalGeneration(config).eval().requires_grad_(False)
     t5.encoder = None
-    aligner = train_aligner.ThinkDiffAligner(train_aligner.AlignerSpec("lvlm", input_dim=64, output_dim=32))
+    aligner = ThinkDiffAligner(AlignerSpec("lvlm", input_dim=64, output_dim=32))
     eager_frozen = FrozenModels(t5, TargetCrossEntropy(t5))
     shapes = [((3, 9), (11, 2), (1, 1), (7, 13)), ((20, 5), (2, 30)), ((5, 6), (4, 4), (9, 2))]
     batches = [padded_batch(multiple, lengths, seed) for seed, (multiple, lengths) in enumerate(zip((8, 1, 8), shapes))]
@@ -275,9 +278,8 @@ def test_compiled_blocks_match_eager_with_one_graph_per_kind_of_block(tiny_t5, c
 
 
 def test_compiled_training_gives_the_eager_curve(tiny_train_data, tiny_features, tmp_path, compile_settings_restored):
-    settings = ["--max-steps", "3"]
-    train(tiny_train_data, tmp_path / "eager", *settings, eval_every=3)
-    train(tiny_train_data, tmp_path / "compiled", *settings, eval_every=3, compile=True, compile_backend="aot_eager")
+    train(tiny_train_data, tmp_path / "eager", 3, eval_every=3)
+    train(tiny_train_data, tmp_path / "compiled", 3, eval_every=3, compile=True, compile_backend="aot_eager")
     for eager, compiled in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-6)
         assert compiled.get("val_loss", 0) == pytest.approx(eager.get("val_loss", 0), rel=1e-6)
@@ -295,7 +297,7 @@ def test_frozen_t5_is_bf16_throughout(tiny_train_data):
 @pytest.mark.parametrize("bucketing", [True, False])
 def test_first_logged_loss_is_t5s_own_loss_on_the_first_batch(tiny_train_data, tiny_features, tmp_path, bucketing):
     """Step 1 logs the loss before any update: T5's own token-mean loss on the sampler's first global batch."""
-    train(tiny_train_data, tmp_path, "--max-steps", "1", length_bucketing=bucketing, eval_every=0)
+    train(tiny_train_data, tmp_path, 1, length_bucketing=bucketing, eval_every=0)
     config = tiny_config(tiny_train_data, length_bucketing=bucketing)
     t5, tokenizer = load_frozen_t5(config.t5_path, torch.float32)
     train_set, _, input_dim, _ = build_tasks(config, tokenizer, None)
@@ -329,20 +331,14 @@ def test_bucketing_lowers_padding_in_a_run(tiny_train_data, tiny_features, tmp_p
 
     for bucketing in (True, False):
         train(
-            tiny_train_data,
-            tmp_path / str(bucketing),
-            "--max-steps",
-            "12",
-            length_bucketing=bucketing,
-            pad_to_multiple=1,
-            eval_every=0,
+            tiny_train_data, tmp_path / str(bucketing), 12, length_bucketing=bucketing, pad_to_multiple=1, eval_every=0
         )
     bucketed, plain = mean_padding(tmp_path / "True"), mean_padding(tmp_path / "False")
     assert bucketed[0] < plain[0] and bucketed[1] < plain[1], (bucketed, plain)
 
 
 def test_resuming_with_another_data_order_warns(tiny_train_data, tiny_features, tmp_path, caplog):
-    train(tiny_train_data, tmp_path, "--max-steps", "2", checkpoint_every=2, eval_every=0)
+    train(tiny_train_data, tmp_path, 2, checkpoint_every=2, eval_every=0)
     with caplog.at_level(logging.WARNING, logger="thinkdiff.train"):
-        train(tiny_train_data, tmp_path, "--max-steps", "3", "--resume", length_bucketing=False, eval_every=0)
+        train(tiny_train_data, tmp_path, 3, resume=True, length_bucketing=False, eval_every=0)
     assert "differs from this run's" in caplog.text and "length_bucketing" in caplog.text

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 from collections import Counter
 
 import pytest
 
 from thinkdiff_core.errors import FeatureError
-from train.config import Config, ConfigError, load_config
-from train.train_aligner import StepSampler, clean_caption, draw_split, get_lr, split_caption, t5_token_ids
+from thinkdiff_train.config import Config, ConfigError, load_config
+from thinkdiff_train.sampler import StepSampler
+from thinkdiff_train.tasks import clean_caption, draw_split, split_caption, t5_token_ids
+from thinkdiff_train.train_aligner import get_lr
 
 
 def draws(length: int, count: int = 4000) -> Counter:
@@ -96,3 +100,30 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(None, ["learning_rate=1e-4", "train_data=a.tar"]).learning_rate == 1e-4
+
+
+def test_config_is_frozen_and_checked_on_construction():
+    config = load_config(None, ["batch_size=4"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 8
+    assert dataclasses.replace(config, batch_size=8).batch_size == 8
+    with pytest.raises(ConfigError, match="not one of"):
+        dataclasses.replace(config, feature_source="prompt")
+
+
+def test_the_old_key_features_still_works_and_names_its_new_name(tmp_path, caplog):
+    """User configs are a public API: `features` (renamed feature_source) in a file or a --set keeps working."""
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("variant: lvlm\nfeatures: input\n")
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.config"):
+        assert load_config(config_file).feature_source == "input"
+        assert load_config(None, ["features=input"]).feature_source == "input"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2 and all("'features' is deprecated" in w and "feature_source" in w for w in warnings)
+    assert warnings[0].startswith(str(config_file)) and warnings[1].startswith("--set")
+    # the later source wins, whichever name it uses; both names with different values in one place is an error
+    assert load_config(config_file, ["feature_source=generated"]).feature_source == "generated"
+    assert load_config(None, ["feature_source=generated", "features=input"]).feature_source == "input"
+    config_file.write_text("features: input\nfeature_source: generated\n")
+    with pytest.raises(ConfigError, match="keep only feature_source"):
+        load_config(config_file)

@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from thinkdiff_core.dtypes import TORCH_DTYPES
 from thinkdiff_core.errors import ThinkDiffError
+
+logger = logging.getLogger("thinkdiff.config")
+
+# Keys renamed since configs were first published: old name -> new name. User configs are a public API, so a file or
+# --set that still says the old name keeps working, with a warning naming the new key.
+RENAMED_KEYS = {"features": "feature_source"}  # "features" read as a tensor next to features_dir
 
 
 class ConfigError(ThinkDiffError):
     """A config file or override is missing, malformed or names an unknown key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """Every setting of a run, read once. Frozen, so that what the trackers and the exported header record is what
+    every module used: no part can change a setting behind the others' backs. Vary one with dataclasses.replace."""
+
     # --- what to train ---------------------------------------------------------------------------------------
     variant: str = "lvlm"  # "lvlm" (VLM generated-token features) or "clip" (BLIP-2 vision tokens + caption)
     output_dir: str = "runs/thinkdiff"
@@ -38,8 +49,8 @@ class Config:
     # --- data -----------------------------------------------------------------------------------------------------
     # Image + caption sources: webdataset .tar shards (globs and {000..123} ranges allowed), a folder of images with
     # same-name .txt captions, or a .jsonl of {"image": path, "caption": text}.
-    train_data: list[str] = field(default_factory=list)
-    val_data: list[str] = field(default_factory=list)  # empty: hold out the last `val_samples` training samples
+    train_data: tuple[str, ...] = ()
+    val_data: tuple[str, ...] = ()  # empty: hold out the last `val_samples` training samples
     val_samples: int = 1000
     features_dir: str = ""  # lvlm: where extract_features.py writes its shards and training reads them
 
@@ -55,7 +66,7 @@ class Config:
 
     # --- the proxy task, recipe section 8 ---------------------------------------------------------------------------
     split: bool = True  # ablation False: the whole sequence in, the whole sequence out
-    features: str = "generated"  # ablation "input": prompt-token states instead of generated-token states
+    feature_source: str = "generated"  # ablation "input": prompt-token states instead of generated-token states
     norm_init: str = "t5"  # ablation "ones": the aligner norm keeps its default all-ones init (paper Fig. 7)
     max_prefix_tokens: int = 128  # s is drawn from 1..min(L-1, 128)
     max_target_tokens: int = 128  # T5 target tokens, </s> included
@@ -98,10 +109,11 @@ class Config:
     num_workers: int = 4
     report_to: str = "tensorboard"  # an accelerate tracker name, or "none"
 
-    def validate(self) -> Config:
-        choices = {"variant": ("lvlm", "clip"), "features": ("generated", "input"), "norm_init": ("t5", "ones")}
+    def __post_init__(self) -> None:
+        # Checked on construction, so that no Config holds a value the scripts would misread.
+        choices = {"variant": ("lvlm", "clip"), "feature_source": ("generated", "input"), "norm_init": ("t5", "ones")}
         choices["mixed_precision"] = ("no", "bf16", "fp16")
-        choices["frozen_dtype"] = choices["feature_dtype"] = ("float32", "bfloat16", "float16")
+        choices["frozen_dtype"] = choices["feature_dtype"] = tuple(TORCH_DTYPES)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
@@ -120,11 +132,10 @@ class Config:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.variant == "clip" and self.features != "generated":
+        if self.variant == "clip" and self.feature_source != "generated":
             raise ConfigError(
-                "features='input' is an ablation of the lvlm variant; the clip variant has no VLM features"
+                "feature_source='input' is an ablation of the lvlm variant; the clip variant has no VLM features"
             )
-        return self
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) -> Config:
@@ -142,14 +153,31 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) 
             raise ConfigError(f"'{path}' is not valid YAML: {error}") from error
         if not isinstance(loaded, dict):
             raise ConfigError(f"'{path}' must hold a mapping of config keys, got a {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(_renamed(loaded, str(path)))
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {override!r} (e.g. --set batch_size=8)")
-        values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        values.update(_renamed({key.strip(): yaml.safe_load(text) if text.strip() else ""}, "--set"))
     values.update({key: value for key, value in explicit.items() if value is not None})
-    return Config(**_coerce(values)).validate()
+    return Config(**_coerce(values))
+
+
+def _renamed(values: dict, where: str) -> dict:
+    """`values` with the old names of RENAMED_KEYS replaced by the new ones, each use logged; both names with
+    different values in one place is an error (which one was meant?)."""
+    out = {key: value for key, value in values.items() if key not in RENAMED_KEYS}
+    for old, new in RENAMED_KEYS.items():
+        if old not in values:
+            continue
+        instead = f"--set {new}={values[old]}" if where == "--set" else f"{new}: {values[old]}"
+        logger.warning(
+            "%s: config key %r is deprecated, it is now %r (same values): write %s", where, old, new, instead
+        )
+        if new in values and values[new] != values[old]:
+            raise ConfigError(f"{where} sets both {old}={values[old]!r} and {new}={values[new]!r}; keep only {new}.")
+        out[new] = values[old]
+    return out
 
 
 def _coerce(values: dict) -> dict:
@@ -166,8 +194,12 @@ def _coerce(values: dict) -> dict:
         try:
             if kind is bool and not isinstance(value, bool):
                 raise ValueError("expected true or false")
-            if typing.get_origin(kind) is list:
-                value = [] if value in (None, "") else [str(v) for v in (value if isinstance(value, list) else [value])]
+            if typing.get_origin(kind) is tuple:  # a list of paths: YAML gives a list, --set may give one string
+                value = (
+                    ()
+                    if value in (None, "")
+                    else tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+                )
             elif kind in (int, float):
                 if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
                     raise ValueError(f"expected {kind.__name__}")
@@ -183,6 +215,6 @@ def _coerce(values: dict) -> dict:
 def as_flat_dict(config: Config) -> dict:
     """The config as str/int/float/bool values, for trackers (TensorBoard hparams take no lists)."""
     return {
-        key: (", ".join(value) if isinstance(value, list) else value)
+        key: (", ".join(value) if isinstance(value, tuple) else value)
         for key, value in dataclasses.asdict(config).items()
     }
