@@ -14,7 +14,7 @@ from .vision import ThinkDiffVisionEncode, ThinkDiffVisionLoader
 comfy_adapter.register_model_folders()
 
 if Path(thinkdiff_core.__file__).resolve().parents[1] != Path(__file__).resolve().parents[1]:
-    # An installed copy (pip install thinkdiff into ComfyUI's Python) comes first on sys.path: the nodes would run
+    # An installed copy (pip install thinkdiff into ComfyUI's Python) is found first on the import path: the nodes run
     # another version's library without a word.
     logging.getLogger("thinkdiff").warning(
         "ThinkDiff: thinkdiff_core is imported from %s, not from this pack (%s), so the nodes may run another "
