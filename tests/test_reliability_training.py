@@ -35,6 +35,12 @@ def environment():
     return {**os.environ, "HF_HUB_OFFLINE": "1"}  # no PYTHONPATH: the scripts run on the editable install
 
 
+def lines_written(run_dir: Path) -> int:
+    """Complete lines of metrics.jsonl so far, read while the run may be writing one (the kill condition)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -97,7 +103,7 @@ def test_training_killed_three_times_resumes_to_the_same_curve(tiny_train_data, 
     for kill_step in kill_steps:
         # a kill before the first checkpoint leaves nothing to resume: then the run starts again, as a user would
         resume = ["--resume"] if checkpoints_are_whole(killed / "checkpoints") else []
-        kill_when(TRAIN, [*settings, "--output-dir", str(killed), *resume], lambda: len(metrics(killed)) >= kill_step)
+        kill_when(TRAIN, [*settings, "--output-dir", str(killed), *resume], lambda: lines_written(killed) >= kill_step)
         checkpoints_are_whole(killed / "checkpoints")
     assert train_aligner.main([*settings, "--output-dir", str(killed), "--resume"]) == 0
 
