@@ -236,3 +236,12 @@ def test_nodes_warn_when_an_installed_core_shadows_the_packs_own(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     own = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert own.returncode == 0 and "not from this pack" not in own.stderr, own.stderr[-2000:]
+
+
+def test_pytest_collects_the_checkout_root_as_a_plain_folder(request):
+    """The root conftest keeps pytest from importing the pack entry as a package (which fails in a clone whose folder
+    name is not a Python name, such as mktemp's tmp.XXXX): the root is a plain folder in the collection tree."""
+    import pytest
+
+    root = request.node.listchain()[1]
+    assert root.path == request.config.rootpath and type(root) is pytest.Dir, type(root)
