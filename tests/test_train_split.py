@@ -109,6 +109,16 @@ def test_config_is_frozen_and_checked_on_construction():
     assert dataclasses.replace(config, batch_size=8).batch_size == 8
     with pytest.raises(ConfigError, match="not one of"):
         dataclasses.replace(config, feature_source="prompt")
+    # path lists are tuples however they were given, so a frozen config stays hashable and unchangeable
+    assert load_config(None, train_data=("a.tar", "b.tar")).train_data == ("a.tar", "b.tar")
+    assert Config(train_data=["a.tar"]).train_data == ("a.tar",) and hash(Config(train_data=["a.tar"]))
+
+
+def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no train/configs here: `--config tiny.yaml` still finds the shipped file
+    assert load_config("tiny.yaml").variant == "lvlm" and load_config("tiny_clip.yaml").variant == "clip"
+    with pytest.raises(ConfigError, match="shipped config: clip.yaml, lvlm.yaml, tiny.yaml, tiny_clip.yaml"):
+        load_config("tiny2.yaml")
 
 
 def test_the_old_key_features_still_works_and_names_its_new_name(tmp_path, caplog):

@@ -110,6 +110,10 @@ class Config:
     report_to: str = "tensorboard"  # an accelerate tracker name, or "none"
 
     def __post_init__(self) -> None:
+        # Path lists as tuples whatever they were built from, so the frozen config is hashable and cannot change.
+        for item in dataclasses.fields(self):
+            if isinstance(getattr(self, item.name), list):
+                object.__setattr__(self, item.name, tuple(getattr(self, item.name)))
         # Checked on construction, so that no Config holds a value the scripts would misread.
         choices = {"variant": ("lvlm", "clip"), "feature_source": ("generated", "input"), "norm_init": ("t5", "ones")}
         choices["mixed_precision"] = ("no", "bf16", "fp16")
@@ -142,11 +146,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) 
     """Defaults, then the YAML file at `path`, then `key=value` overrides, then `explicit` values that are not None."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file '{path}' not found. The shipped configs are in train/configs/ (lvlm.yaml, clip.yaml, tiny.yaml, tiny_clip.yaml)."
-            )
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -161,6 +161,19 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) 
         values.update(_renamed({key.strip(): yaml.safe_load(text) if text.strip() else ""}, "--set"))
     values.update({key: value for key, value in explicit.items() if value is not None})
     return Config(**_coerce(values))
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: a path as given, else one of the shipped configs by its name (`--config tiny.yaml` works
+    wherever the package is installed, as `train/configs/tiny.yaml` does in the checkout)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = Path(__file__).resolve().parent / "configs"
+    if path.parent == Path(".") and (shipped / path.name).is_file():
+        return shipped / path.name
+    names = ", ".join(sorted(file.name for file in shipped.glob("*.yaml") if not file.name.startswith("accelerate")))
+    raise ConfigError(f"config file '{path}' not found. Give a path, or the name of a shipped config: {names}.")
 
 
 def _renamed(values: dict, where: str) -> dict:
@@ -198,7 +211,7 @@ def _coerce(values: dict) -> dict:
                 value = (
                     ()
                     if value in (None, "")
-                    else tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+                    else tuple(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
                 )
             elif kind in (int, float):
                 if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
