@@ -23,11 +23,19 @@ bench/bench_extract.py measures the throughput.
 
 from __future__ import annotations
 
+import sys
+
+try:  # the first import of the project: where the checkout is not installed, say how to install it
+    import thinkdiff_train  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit(
+        f"error: the checkout is not installed in {sys.executable}: run `pip install -e .` in it, or use its .venv"
+    )
+
 import argparse
 import hashlib
 import logging
 import random
-import sys
 from pathlib import Path
 
 import torch

@@ -14,12 +14,20 @@ The models have random weights: a tiny run shows the plumbing and a falling loss
 
 from __future__ import annotations
 
+import sys
+
+try:  # the first import of the project: where the checkout is not installed, say how to install it
+    import thinkdiff_train  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit(
+        f"error: the checkout is not installed in {sys.executable}: run `pip install -e .` in it, or use its .venv"
+    )
+
 import argparse
 import io
 import itertools
 import json
 import logging
-import sys
 import tarfile
 from pathlib import Path
 

@@ -16,7 +16,7 @@ caption (split at a random word); the target is the rest of the caption.
     # continue after an interruption, same data order and loss curve
     accelerate launch --multi_gpu --num_processes 4 train/train_aligner.py --config train/configs/lvlm.yaml --resume
     # installed (pip install .): the same as a console script
-    thinkdiff-train-aligner --config train/configs/tiny.yaml
+    thinkdiff-train-aligner --config tiny.yaml          # a shipped config, found by name
 
 This file reads top to bottom: the command line, the model and optimizer, then `train`: set-up, one loop, save. The
 parts live beside it: tasks.py (the items and batches), sampler.py (the data order), objective.py (the frozen T5 and
@@ -30,12 +30,20 @@ Speed (train/README.md, "Speed"): batches grouped by length, the loss on real ta
 
 from __future__ import annotations
 
+import sys
+
+try:  # the first import of the project: where the checkout is not installed, say how to install it
+    import thinkdiff_train  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit(
+        f"error: the checkout is not installed in {sys.executable}: run `pip install -e .` in it, or use its .venv"
+    )
+
 import argparse
 import contextlib
 import json
 import logging
 import math
-import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
