@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from thinkdiff_core import align_features, build_flux_conditioning
-from thinkdiff_core.conditioning import PLACEMENTS
+from thinkdiff_core.conditioning import PLACEMENTS, check_features_fit
 
 from . import comfy_adapter as adapter
 
@@ -46,6 +46,7 @@ class ThinkDiffConditioning:
         }
 
     def apply(self, aligner, features, mode, strength, conditioning=None, text_tokens=0):
+        check_features_fit(aligner.model, features)  # a wrong pairing fails before the aligner can evict anything
         adapter.load_to_device(aligner)  # once: it stays there, under ComfyUI's model management, until evicted
         aligned = align_features(
             aligner.model, features, strength=strength, output_device=adapter.intermediate_device()

@@ -3,7 +3,8 @@
 ThinkDiff-LVLM feeds FLUX the final-norm hidden states of the tokens the VLM *generates*: N generated tokens give N
 vectors, vector 0 being the state of the last prompt token and vector k the state of generated token k-1 (the last
 generated token's state is never computed). A forward hook on the language model's final norm records exactly those
-N states: once in the prefill (its last position) and once per decode step. No other layer's states are kept.
+N states: once in the prefill (its last position) and once per decode step of transformers' generate (the fast
+engine stops the hook after the prefill and reports its steps' states itself). No other layer's states are kept.
 """
 
 from __future__ import annotations

@@ -50,9 +50,18 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def check_features_fit(aligner: ThinkDiffAligner, features: VlmFeatures) -> None:
+    """Refuse features of the wrong variant, width or with NaN/inf, before any model is moved or run."""
+    variant = getattr(features, "variant", "lvlm")
+    source = features.source_model or ("the VLM" if variant == "lvlm" else "the vision encoder")
+    check_aligner_fits(aligner, features.hidden_states.shape[-1], variant, source)
+    check_finite(features.hidden_states, f"the {variant} features")
+
+
 def align_features(
     aligner: ThinkDiffAligner,
     features: VlmFeatures,
+    *,
     strength: float = 1.0,
     output_device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -64,10 +73,7 @@ def align_features(
     encoders put conditioning. Rows shorter than the batch (generation stopped at EOS) are zero-padded after
     alignment.
     """
-    variant = getattr(features, "variant", "lvlm")
-    source = features.source_model or ("the VLM" if variant == "lvlm" else "the vision encoder")
-    check_aligner_fits(aligner, features.hidden_states.shape[-1], variant, source)
-    check_finite(features.hidden_states, f"the {variant} features")
+    check_features_fit(aligner, features)
     parameter = next(aligner.parameters())
     with torch.inference_mode():
         aligned = aligner(features.hidden_states.to(device=parameter.device, dtype=parameter.dtype)).float() * strength

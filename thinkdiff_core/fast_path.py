@@ -13,7 +13,7 @@ import torch
 
 from .capture import FinalNormCapture
 from .generation import GenerationSettings, generate_kwargs
-from .hf_compat import cache_layers
+from .hf_compat import cache_layers, generate_cache
 from .vlm_loader import VlmBundle
 
 
@@ -42,9 +42,6 @@ def prefill(vlm: VlmBundle, inputs: dict) -> tuple[torch.Tensor, list, torch.Ten
         output = vlm.model.generate(**inputs, **_prefill_kwargs(vlm))
     finally:
         hook.remove()
-    cache = getattr(output, "cache", None)  # transformers 5.2x; earlier versions call it past_key_values
-    if cache is None:
-        cache = output.past_key_values
     batch, length = inputs["input_ids"].shape
     if positions and positions[0].numel() % (batch * length) == 0:
         first_positions = positions[0].reshape(-1, batch, length)[0, :, -1] + 1
@@ -52,7 +49,7 @@ def prefill(vlm: VlmBundle, inputs: dict) -> tuple[torch.Tensor, list, torch.Ten
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
         deltas = getattr(vlm.model.model, "rope_deltas", None)
         first_positions = mask.long().sum(dim=1) + (deltas.view(-1).to(mask.device) if deltas is not None else 0)
-    return output.logits[0], cache_layers(cache), first_positions
+    return output.logits[0], cache_layers(generate_cache(output)), first_positions
 
 
 def decode(

@@ -1,8 +1,10 @@
-"""transformers, across versions: the lazy import, renamed arguments, model classes and layouts.
+"""transformers, across versions, for the VLM: the lazy import, renamed arguments, model classes and layouts.
 
-Every place where the pack depends on how a transformers version names or lays something out is here, so a new
-version is handled in one file. transformers is imported lazily (`import thinkdiff_core` works without it), and a
-missing class names the version needed.
+What the library needs to know about how a transformers version names or lays out the VLM (its classes, its final
+norm, the cache generate returns) is here, so a new version is handled in one file. One version fact stays where it
+is used because it is part of a computation: the M-RoPE position bookkeeping read in fast_path.prefill. (Training
+keeps its T5 facts in train/objective.py.) transformers is imported lazily (`import thinkdiff_core` works without it),
+and a missing class names the version needed.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def final_norm(model) -> torch.nn.Module:
     raise MissingDependencyError(
         f"cannot find the final norm of {type(model).__name__}; this model type is not supported yet."
     )
+
+
+def generate_cache(output):
+    """The KV cache of a `generate(return_dict_in_generate=True)` output: `cache` from transformers 5.2x, before
+    that `past_key_values`."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

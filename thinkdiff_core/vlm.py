@@ -57,7 +57,8 @@ class VlmFeatures:
         return self.hidden_states.shape[1]
 
     def to(self, device: torch.device | str) -> VlmFeatures:
-        """A copy with every tensor on `device` (the encode node hands CPU features on, so the VLM can leave the GPU)."""
+        """A copy with every tensor on `device` (the encode node hands them on where ComfyUI keeps conditioning, so the VLM
+        can leave the GPU)."""
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return replace(
             self,

@@ -92,13 +92,12 @@ class MllmJudge:
 
 def llava_asker(path: Path, device: str, dtype: torch.dtype, max_new_tokens: int = 512):
     """LLaVA-1.5 in transformers' format (llava-hf/llava-1.5-13b-hf); temperature 0, one beam, as the benchmark."""
-    from ..hf_compat import import_transformers, transformers_at_least
+    from ..hf_compat import dtype_kwargs, import_transformers
 
     transformers = import_transformers()
-    dtype_argument = "dtype" if transformers_at_least(transformers, "4.56.0") else "torch_dtype"
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, **{dtype_argument: dtype}
+        path, local_files_only=True, **dtype_kwargs(dtype)
     )
     model = model.to(device).eval()
 
