@@ -1,6 +1,6 @@
 """Build stand-in FLUX.1-dev, FLUX VAE and CLIP-L files with ComfyUI's own model classes, random weights.
 
-    python tests/integration/comfy_standins.py COMFYUI_PATH OUT_DIR
+    PYTHONPATH=COMFYUI_PATH python tests/integration/comfy_standins.py COMFYUI_PATH OUT_DIR
 
 Run with ComfyUI's python (conftest.py does, in a subprocess, and caches OUT_DIR). ComfyUI detects models by key
 names, but reads only some sizes from the weights (comfy/model_detection.py, comfy/sd.py in 0.3.64):
@@ -94,8 +94,10 @@ def build_clip_l(dtype):
 
 def main(argv: list[str]) -> int:
     comfyui_path, out_dir = Path(argv[0]).resolve(), Path(argv[1])
-    sys.path.insert(0, str(comfyui_path))
-    from comfy.cli_args import args
+    try:
+        from comfy.cli_args import args
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"ComfyUI's `comfy` package is not importable: run with PYTHONPATH={comfyui_path}") from error
 
     args.cpu = True  # before comfy.model_management is imported: CPU-only torch would fail otherwise
     import torch

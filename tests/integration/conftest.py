@@ -107,6 +107,10 @@ def standin_dir(request, tmp_path_factory) -> Path:
             [comfyui_python(), str(Path(__file__).with_name("comfy_standins.py")), COMFYUI_PATH, str(out)],
             check=True,
             cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [COMFYUI_PATH, os.environ.get("PYTHONPATH")])),
+            },
             timeout=600,
         )
     from thinkdiff_core import save_aligner, standin
