@@ -34,6 +34,7 @@ classes; tests/integration/test_browser.py checks every file against what the re
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -815,7 +816,12 @@ def workflow_files() -> dict[str, str]:
     return files
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m workflows.build_workflows",
+        description="Rewrite workflows/*.json, workflows/api/*.api.json and workflows/input/*.png from this file and "
+        "the node classes (commit the result).",
+    ).parse_args(argv)
     (WORKFLOWS_DIR / "api").mkdir(exist_ok=True)
     (WORKFLOWS_DIR / "input").mkdir(exist_ok=True)
     for relative, text in workflow_files().items():
