@@ -95,7 +95,7 @@ def standin_dir(request, tmp_path_factory) -> Path:
     (override with THINKDIFF_STANDIN_CACHE)."""
     if os.environ.get("THINKDIFF_STANDIN_CACHE"):
         base = Path(os.environ["THINKDIFF_STANDIN_CACHE"])
-    elif request.config.cache is not None:
+    elif getattr(request.config, "cache", None) is not None:  # absent under -p no:cacheprovider
         base = Path(request.config.cache.mkdir("thinkdiff_comfyui_standins"))
     else:
         base = tmp_path_factory.mktemp("standins")
