@@ -170,19 +170,7 @@ def build_flux_pipeline(seed: int = 0):
         "<|endoftext|>",
     )
     clip_tokenizer.model_max_length = 77
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=768,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    clip = CLIPTextModel(CLIPTextConfig(**_clip_text_config(len(clip_tokenizer), hidden_size=768)))
     t5_tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320)
     t5_tokenizer.pad_token, t5_tokenizer.eos_token, t5_tokenizer.unk_token = "<pad>", "</s>", "<unk>"
     t5_tokenizer.model_max_length = 512
@@ -350,17 +338,7 @@ def build_clip(path: str | Path, seed: int = 0) -> Path:
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
     tokenizer.model_max_length = 77
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
+        text_config=_clip_text_config(len(tokenizer), hidden_size=32),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
@@ -376,3 +354,18 @@ def build_clip(path: str | Path, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def _clip_text_config(vocab_size: int, hidden_size: int) -> dict:
+    """A one-layer CLIP text tower over a BPE tokenizer whose ids 0 and 1 are <|startoftext|> and <|endoftext|>."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
