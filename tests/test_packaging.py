@@ -155,8 +155,9 @@ def test_pip_install_outside_the_checkout_gives_the_library_and_console_scripts(
     shutil.copytree(
         ROOT,
         source,
+        # what git ignores (the venv, runs, tiny data, caches) is not the package and can be large
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.egg-info", "node_modules", ".pytest_cache", "demo_output", "__pycache__"
+            ".git", *(Path(line.strip("/")).name for line in (ROOT / ".gitignore").read_text().split())
         ),
     )
     venv.EnvBuilder(with_pip=False).create(tmp_path / "venv")
