@@ -13,14 +13,15 @@ from .vision import ThinkDiffVisionEncode, ThinkDiffVisionLoader
 
 comfy_adapter.register_model_folders()
 
-if Path(thinkdiff_core.__file__).resolve().parents[1] != Path(__file__).resolve().parents[1]:
+_CORE_DIR, _PACK_DIR = Path(thinkdiff_core.__file__).resolve().parent, Path(__file__).resolve().parents[1]
+if _CORE_DIR.parent != _PACK_DIR:
     # An installed copy (pip install thinkdiff into ComfyUI's Python) is found first on the import path: the nodes run
     # another version's library without a word.
     logging.getLogger("thinkdiff").warning(
         "ThinkDiff: thinkdiff_core is imported from %s, not from this pack (%s), so the nodes may run another "
         "version's code. Fix: `pip uninstall thinkdiff` in ComfyUI's Python, or `pip install -e` this pack folder.",
-        Path(thinkdiff_core.__file__).parent,
-        Path(__file__).resolve().parents[1],
+        _CORE_DIR,
+        _PACK_DIR,
     )
 
 NODE_CLASS_MAPPINGS = {
