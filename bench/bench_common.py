@@ -19,6 +19,19 @@ from thinkdiff_core.generation import GenerationSettings
 from thinkdiff_core.vlm import model_inputs
 from thinkdiff_core.vlm_loader import VlmBundle, load_vlm
 
+
+def mrope(theta: float, section: list[int]) -> dict:
+    """Qwen2-VL's M-RoPE settings as the installed transformers' config takes them: `rope_parameters` on 5.x, the
+    released config.json's `rope_theta` + `rope_scaling` on 4.x (which ignores `rope_parameters` and then fails)."""
+    import transformers
+
+    from thinkdiff_core.hf_compat import transformers_at_least
+
+    if transformers_at_least(transformers, "5.0.0"):
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta, "mrope_section": section}}
+    return {"rope_theta": theta, "rope_scaling": {"type": "mrope", "mrope_section": section}}
+
+
 # Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
 QWEN2_VL_7B_TEXT = dict(
     vocab_size=152064,
@@ -29,7 +42,7 @@ QWEN2_VL_7B_TEXT = dict(
     num_key_value_heads=4,
     max_position_embeddings=32768,
     rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    **mrope(1000000.0, [16, 24, 24]),
 )
 QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14)
 

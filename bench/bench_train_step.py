@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from bench_common import environment  # found beside this script, or through pytest's pythonpath
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner
+from thinkdiff_core.hf_compat import t5_attn_implementation, t5_empty_encoder_layers
 from thinkdiff_train.config import Config
 from thinkdiff_train.objective import FrozenModels, TargetCrossEntropy, compile_frozen_models, token_losses
 from thinkdiff_train.sampler import StepSampler
@@ -94,7 +95,7 @@ def build_t5(shape: dict, device: torch.device, dtype: torch.dtype):
 
     config = T5Config(
         **shape,
-        num_layers=0,
+        num_layers=t5_empty_encoder_layers(),
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,  # flan-T5: no output scaling
         dropout_rate=0.0,
@@ -104,7 +105,7 @@ def build_t5(shape: dict, device: torch.device, dtype: torch.dtype):
     )
     torch.manual_seed(0)
     with torch.device(device):
-        t5 = T5ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        t5 = T5ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=t5_attn_implementation())
     t5.encoder = None
     with torch.no_grad():  # logits scaled like a trained model's, so that the loss is a sensible number
         t5.lm_head.weight.normal_(0.0, config.d_model**-0.5)

@@ -1,9 +1,10 @@
 """Render bench results (the JSON lines the bench scripts print) as the Markdown tables of BENCHMARKS.md.
 
     python bench/report.py bench/results/results.jsonl > /tmp/tables.md
+    python bench/report.py --summary bench/results > snippet.md    # what run_gpu.sh ends with: also summary.json
 
-Each figure is checked against the issue's bar where one exists. Results from a CPU or from --tiny models are refused:
-they prove the scripts run, not how fast anything is.
+Each figure is checked against the issue's bar where one exists. Results from a CPU or from --tiny models are refused
+as tables: they prove the scripts run, not how fast anything is. The summary names them as such instead.
 """
 
 from __future__ import annotations
@@ -112,12 +113,79 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+
+
+def is_speed_figure(result: dict) -> bool:
+    return result.get("device") not in (None, "cpu") and "tiny" not in str(result.get("shapes", {}).get("model", ""))
+
+
+def summarize(folder: Path) -> tuple[dict, str]:
+    """run_gpu.sh's output folder -> (summary.json's content, the BENCHMARKS.md snippet): device, driver, versions,
+    what ran and how long, the GPU check's verdict and table, and the benches' tables (GPU records only)."""
+    check_path = folder / "gpu_check.json"
+    check = json.loads(check_path.read_text()) if check_path.is_file() else {}
+    benches: dict[str, dict] = {}
+    for result in read_lines(folder / "results.jsonl"):  # the last record of each bench counts
+        benches[result.get("bench", "?")] = result
+    benches.pop("gpu_check", None)
+    device_text = (folder / "device.txt").read_text().strip() if (folder / "device.txt").is_file() else ""
+    summary = {
+        "device": check.get("device"),
+        "driver": check.get("driver"),
+        "versions": check.get("versions", {}),
+        "date": check.get("date"),
+        "device_txt": device_text,
+        "steps": read_lines(folder / "status.jsonl"),
+        "gpu_check": {
+            "complete": check.get("complete", False),
+            "mode": check.get("mode"),
+            "verdict": check.get("verdict"),
+            "contenders": check.get("contenders", {}),
+            "steps": check.get("steps", {}),
+        },
+        "benches": benches,
+    }
+    versions = ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v)
+    lines = [
+        f"## Results: {summary['device'] or '?'}, driver {summary['driver'] or 'n/a'}, {summary['date'] or '?'}",
+        "",
+        f"Versions: {versions or '?'}. Machine (device.txt): {' / '.join(device_text.splitlines()) or 'n/a'}",
+        "",
+        "| step | status | seconds | limit s |",
+        "|---|---|---|---|",
+    ]
+    for step in summary["steps"]:
+        status = step.get("status", "?") + (f" ({step['reason']})" if step.get("reason") else "")
+        lines.append(f"| {step.get('step')} | {status} | {step.get('seconds', '')} | {step.get('limit_s', '')} |")
+    lines.append("")
+    if (folder / "gpu_check.md").is_file():
+        lines += [(folder / "gpu_check.md").read_text().strip(), ""]
+    speed = [result for result in benches.values() if result.get("bench") in CHECKS and is_speed_figure(result)]
+    rest = sorted(name for name, result in benches.items() if result not in speed)
+    if speed:
+        lines.append(render(speed))
+    if rest:
+        lines.append(f"Not tabled (failed, or a CPU / --tiny record that is no speed figure): {', '.join(rest)}.")
+    text = "\n".join(lines).rstrip() + "\n"
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary, text
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="JSON lines, one bench result each")
+    parser.add_argument("results", type=Path, nargs="?", help="JSON lines, one bench result each")
+    parser.add_argument("--summary", type=Path, metavar="FOLDER", help="run_gpu.sh's output folder: summary + snippet")
     args = parser.parse_args(argv)
-    results = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip().startswith("{")]
-    text = render(results)
+    if args.summary is not None:
+        text = summarize(args.summary)[1]
+    elif args.results is not None:
+        text = render(read_lines(args.results))
+    else:
+        parser.error("give a results.jsonl file or --summary FOLDER")
     sys.stdout.write(text + "\n")
     return text
 

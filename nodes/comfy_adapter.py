@@ -1,6 +1,9 @@
-"""The only module that touches ComfyUI internals: model folders, devices, model management, progress, Cancel.
+"""The only module that touches ComfyUI: model folders, devices, model management, progress, Cancel.
 
-Inside ComfyUI it uses `folder_paths`, `comfy.model_management`, `comfy.model_patcher` and `comfy.utils`.
+Inside ComfyUI it uses public functions of `folder_paths`, `comfy.model_management`, `comfy.model_patcher`,
+`comfy.patcher_extension` and `comfy.utils`, and writes none of ComfyUI's module-level dicts or lists itself
+(tests/integration/test_adapter_in_comfyui.py checks that inside a real ComfyUI). The one internal it still reads is
+named where it is used, with the versions it was checked on: 0.3.64 (a125cd84) and 0.33.0 (783545f6).
 Outside ComfyUI (tests, the offline demo, scripts) the same functions work standalone: devices from torch,
 progress through tqdm, model folders under a models root (`THINKDIFF_MODELS_DIR`, default `./models`, or
 `set_models_root`). Nodes call only this module and `thinkdiff_core`.
@@ -26,6 +29,7 @@ try:  # ComfyUI puts these on sys.path; anywhere else they are absent.
     import comfy.model_patcher
     import comfy.utils
     import folder_paths
+    from comfy.patcher_extension import CallbacksMP
 
     IN_COMFYUI = True
 except ImportError:
@@ -42,15 +46,17 @@ _standalone_root: Path | None = None
 
 
 def register_model_folders() -> None:
-    """Add models/thinkdiff and models/LLM to ComfyUI's folders, keeping paths the user set in extra_model_paths.yaml."""
+    """Add models/thinkdiff and models/LLM to ComfyUI's folders, after any path the user set for them in
+    extra_model_paths.yaml (`folder_paths.add_model_folder_path` appends a path it does not have yet).
+
+    No extensions are registered: a key ComfyUI did not know gets an empty extension set (every file), and the pack
+    never asks ComfyUI to list these folders; it lists them itself (list_aligners filters by ALIGNER_EXTENSIONS,
+    list_vlm_folders looks for config.json)."""
     if not IN_COMFYUI:
         return
     models_dir = Path(folder_paths.models_dir)
-    for key, extensions in ((ALIGNER_FOLDER, ALIGNER_EXTENSIONS), (VLM_FOLDER, set())):
-        paths, known_extensions = folder_paths.folder_names_and_paths.get(key, ([], set()))
-        default = str(models_dir / key)
-        paths = list(paths) + ([default] if default not in paths else [])
-        folder_paths.folder_names_and_paths[key] = (paths, set(known_extensions) | extensions)
+    for key in (ALIGNER_FOLDER, VLM_FOLDER):
+        folder_paths.add_model_folder_path(key, str(models_dir / key))
 
 
 def set_models_root(path: str | os.PathLike | None) -> None:
@@ -186,24 +192,12 @@ def empty_cache() -> None:
 
 
 class _Holder(torch.nn.Module):
-    """Wraps a model for ModelPatcher, which sets `.device` (read-only on transformers models).
+    """Wraps a model for ModelPatcher, which sets `.device` (read-only on transformers models)."""
 
-    on_move is called whenever ComfyUI moves the weights as a whole (evicting the model for FLUX, say): what the core
-    keeps on the device for them (the fast engine's KV caches and CUDA graphs) is then stale and given back too."""
-
-    def __init__(
-        self, module: torch.nn.Module, device: torch.device, on_move: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         super().__init__()
         self.wrapped = module
         self.device = device
-        self.on_move = on_move
-
-    def _apply(self, fn, recurse=True):
-        moved = super()._apply(fn, recurse)
-        if self.on_move is not None:
-            self.on_move()
-        return moved
 
 
 @dataclass
@@ -227,10 +221,15 @@ def manage(model: Any, module: torch.nn.Module, load_device: torch.device, movab
     handle = ManagedModel(model=model, module=module, load_device=load_device, offload_device=offload, movable=movable)
     if IN_COMFYUI and movable:
         size = sum(p.numel() * p.element_size() for p in module.parameters())
-        holder = _Holder(module, offload, on_move=getattr(model, "release_device_buffers", None))
         handle.patcher = comfy.model_patcher.ModelPatcher(
-            holder, load_device=load_device, offload_device=offload, size=size
+            _Holder(module, offload), load_device=load_device, offload_device=offload, size=size
         )
+        release_buffers = getattr(model, "release_device_buffers", None)
+        if release_buffers is not None:
+            # ComfyUI detaches the model whenever it evicts it (for FLUX, say): what the core keeps on the device
+            # for it (the fast engine's KV caches and CUDA graphs) is then stale and given back too. (A partial
+            # unload calls no callback; the buffers then go at the next release, as before.)
+            handle.patcher.add_callback(CallbacksMP.ON_DETACH, lambda patcher, unpatch_all: release_buffers())
     return handle
 
 
@@ -250,10 +249,12 @@ def release(handle: ManagedModel) -> None:
     if release_buffers is not None:
         release_buffers()
     if handle.patcher is not None:
-        for loaded in list(model_management.current_loaded_models):
-            if loaded.model is handle.patcher:
-                loaded.model_unload()
-                model_management.current_loaded_models.remove(loaded)
+        # Unload this model only: free_memory unloads every model on the device but those in keep_loaded, and takes
+        # them off ComfyUI's list itself. Reading that list (model_management.current_loaded_models, never written
+        # here) is the one internal left: checked on 0.3.64 (a125cd84) and 0.33.0 (783545f6), where 0.33's own
+        # unload_model_and_clones does the same; 0.3.64 has no public helper that unloads one model.
+        others = [loaded for loaded in model_management.current_loaded_models if loaded.model is not handle.patcher]
+        model_management.free_memory(1e30, handle.patcher.load_device, keep_loaded=others)
     elif handle.movable:
         handle.module.to(handle.offload_device)
     empty_cache()
@@ -263,7 +264,10 @@ def release(handle: ManagedModel) -> None:
 
 
 def token_progress(total: int, description: str = "VLM tokens") -> Callable[[int], None]:
-    """A callback for each generated token: moves ComfyUI's progress bar (or tqdm) and raises on Cancel."""
+    """A callback for each generated token: raises on Cancel, then moves ComfyUI's progress bar (or tqdm).
+
+    The Cancel check runs at every token on its own: since 0.33 ComfyUI throttles ProgressBar updates (at least
+    100 ms apart), so the bar's hook is no reliable interrupt point."""
     if IN_COMFYUI:
         bar = comfy.utils.ProgressBar(total)
 

@@ -77,3 +77,34 @@ def test_report_refuses_cpu_figures_and_checks_the_bars(capsys, tmp_path):
     table = report.main([str(results)])
     assert "| generated tokens/s: ours | 3500.0 | >= 3000 | yes |" in table
     assert "| speed-up over the reference | 2.5 | >= 3x | **no** |" in table
+
+
+def test_report_summary_names_the_device_and_tables_only_gpu_records(tmp_path):
+    """run_gpu.sh ends with `report.py --summary`: summary.json and a snippet naming device, driver and versions, with
+    tables for GPU records and a note for CPU / --tiny ones."""
+    gpu = {
+        "bench": "extract",
+        "device": "NVIDIA H200",
+        "shapes": {"model": "Qwen2-VL-7B"},
+        "ours_tokens_per_s": 3100.0,
+        "speedup": 3.2,
+        "tokens_identical": True,
+    }
+    cpu = {"bench": "vlm_encode", "device": "cpu", "shapes": {"model": "tiny stand-in"}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(cpu) + "\n" + json.dumps(gpu) + "\n")
+    (tmp_path / "status.jsonl").write_text(json.dumps({"step": "bench_extract", "status": "ok", "seconds": 80}) + "\n")
+    check = {
+        "device": "NVIDIA H200",
+        "driver": "580.1",
+        "date": "2026-12-03",
+        "versions": {"torch": "2.11", "diffusers": "0.42"},
+    }
+    (tmp_path / "gpu_check.json").write_text(json.dumps(check))
+    (tmp_path / "gpu_check.md").write_text("### GPU check: NVIDIA H200\n\n**Verdict:** keep")
+    text = load("report").main(["--summary", str(tmp_path)])
+    assert text.startswith("## Results: NVIDIA H200, driver 580.1, 2026-12-03")
+    assert "torch 2.11, diffusers 0.42" in text and "**Verdict:** keep" in text
+    assert "| generated tokens/s: ours | 3100.0 | >= 3000 | yes |" in text and "| bench_extract | ok | 80 |" in text
+    assert "Not tabled (failed, or a CPU / --tiny record that is no speed figure): vlm_encode." in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["driver"] == "580.1" and summary["benches"]["extract"]["speedup"] == 3.2

@@ -7,6 +7,8 @@ Tokenizers are byte-level BPEs trained in well under a second on the small corpu
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import torch
@@ -55,10 +57,12 @@ CORPUS = [
 ]
 
 
-def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
-    """A byte-level BPE tokenizer trained on `corpus`, wrapped in PreTrainedTokenizerFast."""
+def train_bpe_tokenizer(
+    special_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None, wrap: bool = True
+):
+    """A byte-level BPE tokenizer trained on `corpus`, wrapped in PreTrainedTokenizerFast (`wrap=False`: the bare
+    `tokenizers.Tokenizer`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -70,62 +74,129 @@ def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 384, corpus
         show_progress=False,
     )
     tokenizer.train_from_iterator((corpus or CORPUS) * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    if not wrap:
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    # the inputs of the real CLIP, T5 and Qwen2 tokenizers (a generic one adds token_type_ids, which CLIP refuses)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_input_names=["input_ids", "attention_mask"])
 
 
 def build_qwen2vl(path: str | Path, hidden_size: int = 64, seed: int = 0) -> Path:
-    """Save a tiny Qwen2-VL (model, tokenizer, processor, chat template) as a Hugging Face folder at `path`."""
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    """Save a tiny Qwen2-VL as a Hugging Face folder at `path`, laid out as Qwen/Qwen2-VL-7B-Instruct ships it.
+
+    The files are written here rather than by the installed transformers' save_pretrained, so that the folder is the
+    same on every transformers version and loads on all of them, as a downloaded one does: a flat config.json with
+    `rope_scaling: {type: mrope, mrope_section}`, a Qwen2Tokenizer (tokenizer.json, vocab.json, merges.txt,
+    tokenizer_config.json), preprocessor_config.json, chat_template.json, generation_config.json and the weights
+    (model.safetensors; transformers writes them under the released checkpoints' key names on 4.5x and 5.x).
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     path = Path(path)
-    tokenizer = train_bpe_tokenizer(QWEN_SPECIAL_TOKENS)
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    heads = 4
-    head_dim = hidden_size // heads
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=77,  # odd on purpose: catches swapped dimensions
-            num_hidden_layers=2,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_bpe_tokenizer(QWEN_SPECIAL_TOKENS, wrap=False)
+    ids = {token: tokenizer.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
+    config = qwen2vl_config_dict(tokenizer.get_vocab_size(), ids, hidden_size)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"]
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(copy.deepcopy(config))).eval()  # it edits the dict
+    model.save_pretrained(path)  # the weights; config.json and generation_config.json are rewritten below
+    _write_json(path / "config.json", config)
+    _write_json(
+        path / "generation_config.json",
+        {
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
     )
-    model.save_pretrained(path)
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56 * 4)
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_CHAT_TEMPLATE,
+    _save_qwen2_tokenizer(tokenizer, path)
+    _write_json(
+        path / "preprocessor_config.json",
+        dict(
+            min_pixels=28 * 28,
+            max_pixels=56 * 56 * 4,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            image_mean=[0.48145466, 0.4578275, 0.40821073],
+            image_std=[0.26862954, 0.26130258, 0.27577711],
+            image_processor_type="Qwen2VLImageProcessor",
+            processor_class="Qwen2VLProcessor",
+        ),
     )
-    processor.save_pretrained(path)
+    _write_json(path / "chat_template.json", {"chat_template": QWEN_CHAT_TEMPLATE})
     return path
+
+
+def qwen2vl_config_dict(vocab_size: int, ids: dict[str, int], hidden_size: int = 64) -> dict:
+    """A tiny Qwen2-VL config.json in the released checkpoints' flat form (every transformers version reads it)."""
+    heads = 4
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": 77,  # odd on purpose: catches swapped dimensions
+        "max_position_embeddings": 4096,
+        "max_window_layers": 2,
+        "num_attention_heads": heads,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(hidden_size // heads)},
+        "sliding_window": 4096,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        "vision_config": dict(
+            depth=2, embed_dim=32, mlp_ratio=2, num_heads=4, in_chans=3, hidden_size=hidden_size, patch_size=14,
+            spatial_merge_size=2, spatial_patch_size=14, temporal_patch_size=2
+        ),
+    }  # fmt: skip
+
+
+def _save_qwen2_tokenizer(tokenizer, path: Path) -> None:
+    """tokenizer.json, vocab.json, merges.txt and a tokenizer_config.json of class Qwen2Tokenizer (AutoTokenizer
+    gives Qwen2TokenizerFast on transformers 4.x, the tokenizers-backed Qwen2Tokenizer on 5.x)."""
+    tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer.model.save(str(path))  # vocab.json and merges.txt
+    flags = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    added = {str(tokenizer.token_to_id(token)): dict(content=token, **flags) for token in QWEN_SPECIAL_TOKENS}
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "add_prefix_space": False,
+            "added_tokens_decoder": added,
+            "additional_special_tokens": [token for token in QWEN_SPECIAL_TOKENS if token != "<|endoftext|>"],
+            "bos_token": None,
+            "chat_template": QWEN_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>",
+            "errors": "replace",
+            "model_max_length": 32768,
+            "pad_token": "<|endoftext|>",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+        },
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -291,7 +362,6 @@ def build_blip2_vision(path: str | Path, hidden_size: int = 48, seed: int = 0, f
     full_blip2_layout: write it the way a full BLIP-2 repository stores it (config.json of model_type 'blip-2' with a
     `vision_config`, weights under `vision_model.*` next to other modules' keys), to test loading from such a folder.
     """
-    import json
 
     from safetensors.torch import save_file
     from transformers import Blip2VisionConfig, Blip2VisionModel

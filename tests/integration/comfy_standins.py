@@ -2,13 +2,22 @@
 
     PYTHONPATH=COMFYUI_PATH python tests/integration/comfy_standins.py COMFYUI_PATH OUT_DIR
 
-Run with ComfyUI's python (conftest.py does, in a subprocess, and caches OUT_DIR). ComfyUI detects models by key
-names, but reads only some sizes from the weights (comfy/model_detection.py, comfy/sd.py in 0.3.64):
-- FLUX: hidden 3072, 24 heads and context 4096 are hard-coded; double/single blocks are counted. So the stand-in has
-  full width but 1 double + 1 single block (546 M parameters, 1.1 GB in bf16). Guidance embedder present (= dev).
+Run with ComfyUI's python (conftest.py does, in a subprocess, and caches OUT_DIR per ComfyUI version). ComfyUI
+detects models by key names, but reads only some sizes from the weights (comfy/model_detection.py, comfy/sd.py):
+- FLUX: the config is the one this ComfyUI's own detection (comfy.model_detection.detect_unet_config) gives a FLUX.1-dev
+  file with 1 double + 1 single block (546 M parameters, 1.1 GB in bf16), guidance embedder present (= dev): full
+  width (hidden 3072, 24 heads, context 4096), and whatever else the version's FluxParams needs (0.33 added
+  txt_ids_dims). The built model's own state dict must detect to the same config, so UNETLoader loads it as built.
 - VAE: the default AutoencoderKL branch fixes ch 128, ch_mult [1, 2, 4, 4]; z_channels (16 for FLUX) comes from the
   weights. Full size (84 M parameters).
 - CLIP-L: built from a fixed config (123 M parameters).
+- SD3.5: a CheckpointLoaderSimple file: ComfyUI's own MMDiT (OpenAISignatureMMDITWrapper) under
+  model.diffusion_model., config from this ComfyUI's detection of an SD3.5 Large sketch (16 latent channels, patch 2,
+  qk RMS norm, pooled 2048 wide, context 4096 wide, pos_embed 192x192) at depth 2 (detection reads hidden = 64 x depth:
+  128 wide, 2 joint blocks, the last context pre-only; 6 M parameters), plus the VAE above (SD3 and FLUX share the
+  16-channel AutoencoderKL) under first_stage_model.; no text encoders (ComfyUI warns and loads none).
+- Chroma: ComfyUI's own Chroma class, config from this ComfyUI's detection (fixed: hidden 3072, context 4096, the
+  5-layer 5120-wide distilled guidance approximator) with 1 double + 1 single block (~0.7 B parameters, bf16).
 ComfyUI's layers skip weight initialisation (weights are loaded later), so every parameter is set here explicitly:
 normal(0, 0.02) for matrices, 1 for norm scales, 0 for biases. The outputs are noise; only the plumbing is real.
 """
@@ -23,6 +32,8 @@ FILES = {
     "flux": "flux1-dev-STANDIN.safetensors",
     "vae": "ae-STANDIN.safetensors",
     "clip_l": "clip_l-STANDIN.safetensors",
+    "sd35": "sd3.5-STANDIN.safetensors",
+    "chroma": "chroma-STANDIN.safetensors",
 }
 
 
@@ -33,35 +44,124 @@ def init_weights(module) -> None:
         for name, parameter in module.named_parameters():
             if parameter.ndim >= 2:
                 parameter.normal_(0.0, 0.02)
-            elif name.endswith("scale") or ("norm" in name and name.endswith("weight")):
+            elif name.endswith("scale") or (("norm" in name or ".ln_" in name) and name.endswith("weight")):
                 parameter.fill_(1.0)
             else:
                 parameter.zero_()
 
 
+# The tensors by which ComfyUI tells a FLUX.1-dev file (its key names and the shapes it reads), with 1 double and
+# 1 single block: detection turns them into the Flux config of the ComfyUI at hand.
+FLUX_DEV_SKETCH = {
+    "img_in.weight": (3072, 64),
+    "txt_in.weight": (3072, 4096),
+    "vector_in.in_layer.weight": (3072, 768),
+    "guidance_in.in_layer.weight": (3072, 256),
+    "time_in.in_layer.weight": (3072, 256),
+    "double_blocks.0.img_attn.norm.key_norm.scale": (128,),
+    "double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+    "single_blocks.0.norm.key_norm.scale": (128,),
+    "single_blocks.0.linear1.weight": (21504, 3072),
+    "final_layer.linear.weight": (64, 3072),
+}
+
+
+def flux_config(state_dict) -> dict:
+    """The unet config this ComfyUI's model detection reads from a FLUX state dict (what UNETLoader builds)."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if config is None or config.get("image_model") != "flux":
+        raise SystemExit(f"this ComfyUI does not detect the FLUX.1-dev stand-in as FLUX: {config}")
+    return config
+
+
 def build_flux(dtype):
     import comfy.ops
+    import torch
     from comfy.ldm.flux.model import Flux
 
-    return Flux(
-        image_model="flux",
-        in_channels=16,
-        out_channels=16,
-        vec_in_dim=768,
-        context_in_dim=4096,
-        hidden_size=3072,
-        mlp_ratio=4.0,
-        num_heads=24,
-        depth=1,
-        depth_single_blocks=1,
-        axes_dim=[16, 56, 56],
-        theta=10000,
-        patch_size=2,
-        qkv_bias=True,
-        guidance_embed=True,
-        dtype=dtype,
-        operations=comfy.ops.manual_cast,
-    )
+    config = flux_config({key: torch.empty(shape, device="meta") for key, shape in FLUX_DEV_SKETCH.items()})
+    model = Flux(**config, dtype=dtype, operations=comfy.ops.manual_cast)
+    detected = flux_config(model.state_dict())
+    if detected != config:
+        raise SystemExit(f"the FLUX stand-in would load with another config: built {config}, detected {detected}")
+    print(f"FLUX stand-in config (this ComfyUI's detection): {config}", flush=True)
+    return model
+
+
+# An SD3.5 Large checkpoint's MMDiT tensors as detection reads them, at depth 2 (hidden 128) instead of 38.
+SD35_DEPTH = 2
+SD35_HIDDEN = 64 * SD35_DEPTH
+SD35_SKETCH = {
+    "x_embedder.proj.weight": (SD35_HIDDEN, 16, 2, 2),
+    "y_embedder.mlp.0.weight": (SD35_HIDDEN, 2048),
+    "context_embedder.weight": (SD35_HIDDEN, 4096),
+    "pos_embed": (1, 192 * 192, SD35_HIDDEN),
+    "joint_blocks.0.context_block.attn.qkv.weight": (3 * SD35_HIDDEN, SD35_HIDDEN),
+    "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+    "joint_blocks.1.context_block.attn.qkv.weight": (3 * SD35_HIDDEN, SD35_HIDDEN),
+    "final_layer.linear.weight": (2 * 2 * 16, SD35_HIDDEN),
+}
+
+
+def mmdit_config(state_dict) -> dict:
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if config is None or config.get("context_embedder_config") is None or config.get("qk_norm") != "rms":
+        raise SystemExit(f"this ComfyUI does not detect the SD3.5 stand-in as an SD3.5 MMDiT: {config}")
+    return config
+
+
+def build_sd35(dtype):
+    """{model.diffusion_model.*: MMDiT, first_stage_model.*: VAE}, the layout CheckpointLoaderSimple reads."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    config = mmdit_config({key: torch.empty(shape, device="meta") for key, shape in SD35_SKETCH.items()})
+    model = OpenAISignatureMMDITWrapper(**config, dtype=dtype, operations=comfy.ops.manual_cast)
+    detected = mmdit_config(model.state_dict())
+    if detected != config:
+        raise SystemExit(f"the SD3.5 stand-in would load with another config: built {config}, detected {detected}")
+    print(f"SD3.5 stand-in config (this ComfyUI's detection): {config}", flush=True)
+    return torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"diffusion_model": model})})
+
+
+CHROMA_SKETCH = {
+    "img_in.weight": (3072, 64),
+    "txt_in.weight": (3072, 4096),
+    "distilled_guidance_layer.norms.0.scale": (5120,),
+    "double_blocks.0.img_attn.norm.key_norm.scale": (128,),
+    "double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+    "single_blocks.0.norm.key_norm.scale": (128,),
+    "single_blocks.0.linear1.weight": (21504, 3072),
+    "final_layer.linear.weight": (64, 3072),
+}
+
+
+def chroma_config(state_dict) -> dict:
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if config is None or config.get("image_model") != "chroma":
+        raise SystemExit(f"this ComfyUI does not detect the Chroma stand-in as Chroma: {config}")
+    return config
+
+
+def build_chroma(dtype):
+    import comfy.ops
+    import torch
+    from comfy.ldm.chroma.model import Chroma
+
+    config = chroma_config({key: torch.empty(shape, device="meta") for key, shape in CHROMA_SKETCH.items()})
+    model = Chroma(**config, dtype=dtype, operations=comfy.ops.manual_cast)
+    detected = chroma_config(model.state_dict())
+    if detected != config:
+        raise SystemExit(f"the Chroma stand-in would load with another config: built {config}, detected {detected}")
+    print(f"Chroma stand-in config (this ComfyUI's detection): {config}", flush=True)
+    return model
 
 
 def build_vae():
@@ -108,8 +208,16 @@ def main(argv: list[str]) -> int:
         "flux": lambda: build_flux(torch.bfloat16),
         "vae": build_vae,
         "clip_l": lambda: build_clip_l(torch.float16),
+        "sd35": lambda: build_sd35(torch.bfloat16),
+        "chroma": lambda: build_chroma(torch.bfloat16),
     }
-    save_dtypes = {"flux": torch.bfloat16, "vae": torch.bfloat16, "clip_l": torch.float16}
+    save_dtypes = {
+        "flux": torch.bfloat16,
+        "vae": torch.bfloat16,
+        "clip_l": torch.float16,
+        "sd35": torch.bfloat16,
+        "chroma": torch.bfloat16,
+    }
     for kind, file_name in FILES.items():
         path = out_dir / file_name
         if path.exists():
@@ -119,6 +227,13 @@ def main(argv: list[str]) -> int:
         model = builders[kind]()
         init_weights(model)
         state = {key: value.to(save_dtypes[kind]).contiguous() for key, value in model.state_dict().items()}
+        if kind == "sd35":  # the checkpoint also carries the VAE, as SD3.5 files do
+            vae = build_vae()
+            init_weights(vae)
+            state.update(
+                {f"first_stage_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}
+            )
+            del vae
         tmp = path.with_suffix(".tmp")
         save_file(state, str(tmp), metadata={"thinkdiff_standin": "random weights for tests"})
         tmp.replace(path)

@@ -1,6 +1,7 @@
 """Shared helpers for the opt-in tests against a real ComfyUI: stand-in models, a ComfyUI home folder, the server.
 
-Opt-in: these tests run only when COMFYUI_PATH points at a ComfyUI checkout (verified: 0.3.64, commit a125cd84);
+Opt-in: these tests run only when COMFYUI_PATH points at a ComfyUI checkout (verified: 0.3.64, commit a125cd84, and
+0.33.0, commit 783545f6);
 `scripts/comfyui_integration.sh` installs what they need and runs them. Without COMFYUI_PATH every test here is
 skipped at collection, and this module imports only the standard library, so the default run stays fast.
 
@@ -32,7 +33,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 PACK_LINK_NAME = "ComfyUI-ThinkDiff"
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-STANDIN_VERSION = "v1"  # bump when a stand-in builder changes, so cached files are rebuilt
+STANDIN_VERSION = "v3"  # bump when a stand-in builder changes, so cached files are rebuilt
+# The ComfyUI sources the stand-in builder (comfy_standins.py) runs: their hash is part of the cache key, so stand-ins
+# built by one ComfyUI are never used by another.
+STANDIN_SOURCES = (
+    "comfyui_version.py",
+    "comfy/model_detection.py",
+    "comfy/ldm/flux/model.py",
+    "comfy/ldm/flux/layers.py",
+    "comfy/ldm/modules/diffusionmodules/mmdit.py",
+    "comfy/ldm/chroma/model.py",
+    "comfy/ldm/chroma/layers.py",
+    "comfy/ldm/models/autoencoder.py",
+    "comfy/ldm/modules/diffusionmodules/model.py",
+    "comfy/sd1_clip.py",
+    "comfy/sd1_clip_config.json",
+    "comfy/clip_model.py",
+    "comfy/ops.py",
+)
 
 # Stand-in file names. The loaders' widget values in the test copies of the workflows point at these.
 TINY_VLM = "tiny-qwen2-vl-STANDIN"
@@ -74,6 +92,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=browser_missing()))
 
 
+def comfyui_version() -> str:
+    """ComfyUI's version (comfyui_version.py), with its git commit where COMFYUI_PATH is a git checkout."""
+    text = (Path(COMFYUI_PATH) / "comfyui_version.py").read_text() if COMFYUI_PATH else ""
+    version = next((line.split("=")[1].strip().strip("\"'") for line in text.splitlines() if "__version__" in line), "")
+    commit = ""
+    if (Path(COMFYUI_PATH) / ".git").exists():
+        git = ["git", "-C", COMFYUI_PATH, "rev-parse", "--short=8", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+    return "-".join(filter(None, [version or "unknown", commit]))
+
+
+def standin_cache_key() -> str:
+    """<builder version>-comfyui-<version>[-<commit>]-<hash of the ComfyUI sources the builder runs>."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in STANDIN_SOURCES:
+        path = Path(COMFYUI_PATH) / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"absent") + b"\0")
+    return f"{STANDIN_VERSION}-comfyui-{comfyui_version()}-{digest.hexdigest()[:12]}"
+
+
 def comfyui_python() -> str:
     return os.environ.get("COMFYUI_PYTHON") or sys.executable
 
@@ -89,17 +129,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def standin_dir(request, tmp_path_factory) -> Path:
-    """Cached stand-ins: FLUX/VAE/CLIP-L built by ComfyUI's own classes (comfy_standins.py, in a subprocess with
-    ComfyUI's python), the tiny Qwen2-VL folder and a matching aligner, a tiny BLIP-2 vision tower extracted to one
-    file and a matching ThinkDiff-CLIP aligner. Reused across runs via pytest's cache
-    (override with THINKDIFF_STANDIN_CACHE)."""
+    """Cached stand-ins: FLUX/VAE/CLIP-L, an SD3.5 checkpoint and Chroma built by ComfyUI's own classes
+    (comfy_standins.py, in a subprocess with ComfyUI's python), the tiny Qwen2-VL folder and a matching aligner, a
+    tiny BLIP-2 vision tower extracted to one file and a matching ThinkDiff-CLIP aligner. Reused across runs via
+    pytest's cache (override with THINKDIFF_STANDIN_CACHE), in a folder named by standin_cache_key(): one per ComfyUI
+    version and builder."""
     if os.environ.get("THINKDIFF_STANDIN_CACHE"):
         base = Path(os.environ["THINKDIFF_STANDIN_CACHE"])
     elif getattr(request.config, "cache", None) is not None:  # absent under -p no:cacheprovider
         base = Path(request.config.cache.mkdir("thinkdiff_comfyui_standins"))
     else:
         base = tmp_path_factory.mktemp("standins")
-    out = base / STANDIN_VERSION
+    out = base / standin_cache_key()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not all((out / name).exists() for name in COMFY_STANDINS.values()):
@@ -195,7 +236,7 @@ class ComfyHome:
         return target
 
 
-MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "clip_vision", "LLM", "thinkdiff")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "clip_vision", "LLM", "thinkdiff")
 
 
 def make_home(root: Path) -> ComfyHome:
@@ -248,12 +289,101 @@ class ThinkDiffTestT5Width:
         return (out,)
 
 
-NODE_CLASS_MAPPINGS = {"ThinkDiffTestT5Width": ThinkDiffTestT5Width}
+def t5_like(cond):
+    """(batch, tokens, 768) CLIP-L states tiled to 4096 features, offset so that no feature is exactly zero."""
+    repeats = -(-4096 // cond.shape[-1])
+    return cond.repeat(1, 1, repeats)[..., :4096] + 1e-3
+
+
+class ThinkDiffTestT5Only:
+    """Stands in for a T5-XXL-only encoder (Chroma's CLIPLoader type "chroma", pixart_t5): a (batch, tokens, 768)
+    CLIP-L conditioning tiled to 4096 features (t5_like: nonzero everywhere, as T5 states are) and pooled_output
+    None, as ComfyUI's T5-only encoders give; the token count is kept."""
+
+    CATEGORY = "ThinkDiff/tests"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "t5_only"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def t5_only(self, conditioning):
+        out = []
+        for cond, options in conditioning:
+            out.append([t5_like(cond), {**options, "pooled_output": None}])
+        return (out,)
+
+
+class ThinkDiffTestSD3Layout:
+    """Stands in for SD3's TripleCLIPLoader + CLIPTextEncodeSD3 from a (batch, 77, 768) CLIP-L conditioning, in
+    ComfyUI's SD3 layout (comfy/text_encoders/sd3_clip.py): the CLIP block is CLIP-L's 77 tokens with CLIP-G's 1280
+    features zero (as ComfyUI does without CLIP-G) and zero-padded to 4096; then as many T5 tokens, the CLIP-L states
+    tiled to 4096 features (nonzero past column 2048, as T5 states are); pooled_output CLIP-L's 768 ++ 1280 zeros."""
+
+    CATEGORY = "ThinkDiff/tests"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "sd3_layout"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def sd3_layout(self, conditioning):
+        out = []
+        for cond, options in conditioning:
+            clip_block = torch.nn.functional.pad(cond, (0, 4096 - cond.shape[-1]))
+            t5_block = t5_like(cond)
+            pooled = options["pooled_output"]
+            pooled = torch.nn.functional.pad(pooled, (0, 2048 - pooled.shape[-1]))
+            out.append([torch.cat([clip_block, t5_block], dim=1), {**options, "pooled_output": pooled}])
+        return (out,)
+
+
+class ThinkDiffTestConditioningProbe:
+    """Reports the layout of a CONDITIONING (the same object the sampler gets) in the prompt's /history outputs: token
+    count, width, leading 77-token chunks whose columns past 2048 are zero (SD3's CLIP block), pooled shape."""
+
+    CATEGORY = "ThinkDiff/tests"
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def probe(self, conditioning):
+        import json
+
+        layouts = []
+        for cond, options in conditioning:
+            zero_tail = (cond[..., 2048:] == 0).all(dim=-1).all(dim=0).long() if cond.shape[-1] > 2048 else None
+            clip_tokens = 0 if zero_tail is None else int(zero_tail.cumprod(dim=0).sum()) // 77 * 77
+            pooled = options.get("pooled_output")
+            layouts.append(
+                {
+                    "shape": list(cond.shape),
+                    "clip_tokens": clip_tokens,
+                    "pooled": None if pooled is None else list(pooled.shape),
+                    "finite": bool(torch.isfinite(cond).all()),
+                }
+            )
+        return {"ui": {"layout": [json.dumps(layouts)]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "ThinkDiffTestT5Width": ThinkDiffTestT5Width,
+    "ThinkDiffTestT5Only": ThinkDiffTestT5Only,
+    "ThinkDiffTestSD3Layout": ThinkDiffTestSD3Layout,
+    "ThinkDiffTestConditioningProbe": ThinkDiffTestConditioningProbe,
+}
 '''
 
 
 def install_test_nodes(home: ComfyHome) -> None:
-    """Adds the test-only nodes above (ThinkDiffTestT5Width) to the home's custom_nodes."""
+    """Adds the test-only nodes above (ThinkDiffTestT5Width, ThinkDiffTestT5Only, ThinkDiffTestSD3Layout,
+    ThinkDiffTestConditioningProbe) to the home's custom_nodes."""
     package = home.root / "custom_nodes" / "thinkdiff_test_nodes"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text(TEST_NODES)
@@ -390,6 +520,8 @@ class Standins:
     flux: str = COMFY_STANDINS["flux"]
     vae: str = COMFY_STANDINS["vae"]
     clip_l: str = COMFY_STANDINS["clip_l"]
+    sd35: str = COMFY_STANDINS["sd35"]  # a checkpoint: MMDiT + VAE
+    chroma: str = COMFY_STANDINS["chroma"]
     vision: str = VISION_ENCODER_NAME  # the tiny tower, under the workflows' encoder name
     vision_hidden_size: int = TINY_VISION_HIDDEN
     clip_aligner: str = TINY_CLIP_ALIGNER
@@ -402,6 +534,8 @@ class Standins:
         home.add_model("diffusion_models", self.flux, self.dir / self.flux)
         home.add_model("vae", self.vae, self.dir / self.vae)
         home.add_model("text_encoders", self.clip_l, self.dir / self.clip_l)
+        home.add_model("checkpoints", self.sd35, self.dir / self.sd35)
+        home.add_model("diffusion_models", self.chroma, self.dir / self.chroma)
 
 
 @pytest.fixture(scope="session")

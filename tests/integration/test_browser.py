@@ -1,12 +1,18 @@
 """The shipped UI workflows in ComfyUI's real frontend, in headless Chromium (opt-in; see scripts/comfyui_integration.sh).
 
-Needs COMFYUI_PATH, the frontend package pinned in ComfyUI's requirements.txt (comfyui-frontend-package, pip),
-Debian's /usr/bin/chromium (or CHROMIUM) and `npm ci` in tests/integration/browser (playwright-core only: it drives
-the system Chromium and downloads no browser).
+Needs COMFYUI_PATH, Debian's /usr/bin/chromium (or CHROMIUM) and `npm ci` in tests/integration/browser
+(playwright-core only: it drives the system Chromium and downloads no browser). Every test runs once per frontend in
+THINKDIFF_FRONTENDS (space- or comma-separated versions, default "installed": the comfyui-frontend-package that
+ComfyUI's requirements installed); a version is served with --front-end-root from
+THINKDIFF_FRONTEND_CACHE/<version>/comfyui_frontend_package/static (the script fetches the wheels from PyPI). One
+server at a time: each frontend's server stops before the next starts.
 
 For every workflows/*.json: the frontend loads it through `window.app.loadGraphData` with no unknown node types and
-no dialog (missing nodes or models); `app.graphToPrompt()` gives exactly the committed API copy in workflows/api/
-(so the positional widgets_values the frontend reads match the inputs the API copy names); POST /prompt with that
+no dialog (missing nodes or models); `app.graphToPrompt()` gives the committed API copy in workflows/api/: the same
+class_type, inputs and `_meta.title` for every node (so the positional widgets_values the frontend reads match the
+inputs the API copy names, and untitled nodes carry their display names), except the `preview` value frontend 1.27.10
+still sends for PreviewAny's read-only text box (not an input of the node; 1.49.6 and later no longer send it);
+the page logs no console error beyond each frontend's known page-load noise; POST /prompt with that
 output passes ComfyUI's validation with no node_errors; saving it again keeps every widget value and link (a widget
 fed by a link, as the VLM text into CLIPTextEncodeFlux, stays an input entry with a "widget" key at the same slot);
 and a screenshot of the graph goes to docs/images/<name>.png.
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_vision_tower_file
+from .conftest import ComfyServer, make_vision_tower_file
 
 pytestmark = pytest.mark.browser  # skipped by conftest.py unless COMFYUI_PATH, chromium, node and playwright-core exist
 
@@ -38,6 +44,37 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 UI_WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 SCREENSHOT_DIR = REPO_ROOT / "docs" / "images"
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+FRONTENDS = os.environ.get("THINKDIFF_FRONTENDS", "installed").replace(",", " ").split() or ["installed"]
+FRONTEND_CACHE = Path(os.environ.get("THINKDIFF_FRONTEND_CACHE", REPO_ROOT / ".cache" / "comfyui-frontends"))
+# Screenshots for docs/images/ come from this frontend (or the only one tested).
+SCREENSHOT_FRONTEND = "1.27.10"
+# Inputs a frontend sends that are not inputs of the node (the server ignores them): 1.27.10's PreviewAny text box.
+FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview"}}
+# Console errors while the page loads that are not the pack's (observed: no internet, no user data yet, frontend
+# start-up order); anything else fails test_no_console_errors.
+PAGE_LOAD_NOISE = (
+    "/api/userdata",  # 404s for settings and workflows a new user does not have
+    "Failed to load resource: the server responded with a status of 404",
+    "net::ERR_NAME_NOT_RESOLVED",  # no internet: the frontend's remote look-ups
+    "net::ERR_INTERNET_DISCONNECTED",
+    "Cannot read properties of undefined (reading 'id')",  # 1.27.10 on load
+    "ComfyApp graph accessed before initialization",  # 1.49.6
+    "deprecated",  # 1.49.6 and later: deprecation warnings logged as errors
+    "Failed to fetch jobs: 404",  # 1.49.6 and later asking a server older than them (0.3.64) for /api/jobs
+)
+
+
+def frontend_root(version: str) -> Path | None:
+    """--front-end-root for a frontend version; None for "installed" (ComfyUI's own pip-installed package)."""
+    if version == "installed":
+        return None
+    root = FRONTEND_CACHE / version / "comfyui_frontend_package" / "static"
+    if not (root / "index.html").is_file():
+        pytest.fail(
+            f"frontend {version} is not unpacked at {root}: run scripts/comfyui_integration.sh (it fetches "
+            f"comfyui-frontend-package=={version} from PyPI), or set THINKDIFF_FRONTEND_CACHE"
+        )
+    return root
 
 
 def add_placeholders(home, workflow: dict) -> None:
@@ -60,24 +97,32 @@ def add_placeholders(home, workflow: dict) -> None:
                 make_vision_tower_file(path)
 
 
-@pytest.fixture(scope="module")
-def server(new_comfy_home, start_comfyui):
+@pytest.fixture(scope="module", params=FRONTENDS, ids=lambda version: f"frontend-{version}")
+def server(request, new_comfy_home):
+    """A server with placeholder model files, serving one frontend; stopped before the next frontend's starts."""
     home = new_comfy_home()
     for path in UI_WORKFLOWS:
         add_placeholders(home, json.loads(path.read_text()))
-    return start_comfyui(home)  # no --front-end-root: the pip-installed frontend package
+    server = ComfyServer(home, front_end_root=frontend_root(request.param))
+    server.frontend = request.param
+    print(f"[comfyui] frontend {request.param}: ready in {server.startup_seconds:.1f} s on {server.url}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def frontend(server, tmp_path_factory):
     """Runs check_workflows.mjs once for all workflows; returns its report keyed by workflow name."""
-    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shots = SCREENSHOT_DIR
+    if len(FRONTENDS) > 1 and server.frontend != SCREENSHOT_FRONTEND:
+        shots = tmp_path_factory.mktemp(f"screenshots-{server.frontend}")
+    shots.mkdir(parents=True, exist_ok=True)
     result = tmp_path_factory.mktemp("browser") / "result.json"
     config = {
         "url": server.url,
         "chromium": os.environ.get("CHROMIUM", "/usr/bin/chromium"),
         "workflows": [
-            {"name": p.stem, "path": str(p), "screenshot": str(SCREENSHOT_DIR / f"{p.stem}.png")} for p in UI_WORKFLOWS
+            {"name": p.stem, "path": str(p), "screenshot": str(shots / f"{p.stem}.png")} for p in UI_WORKFLOWS
         ],
         "result": str(result),
     }
@@ -92,10 +137,26 @@ def frontend(server, tmp_path_factory):
     assert run.returncode == 0, f"browser script failed:\n{run.stdout}\n{run.stderr}\n{server.log_tail()}"
     report = json.loads(result.read_text())
     print(
-        f"[browser] {len(UI_WORKFLOWS)} workflow(s) in {time.perf_counter() - started:.1f} s, frontend {report.get('frontend_version')}"
+        f"[browser] {len(UI_WORKFLOWS)} workflow(s) in {time.perf_counter() - started:.1f} s, "
+        f"frontend {report.get('frontend_version')}"
     )
     report["by_name"] = {entry["name"]: entry for entry in report["workflows"]}
+    report["screenshots"] = shots
     return report
+
+
+def test_the_requested_frontend_is_served(server, frontend):
+    if server.frontend == "installed":
+        assert frontend["frontend_version"], "the page reports no frontend version"
+    else:
+        assert frontend["frontend_version"] == server.frontend
+
+
+def test_no_console_errors(frontend):
+    """Nothing but the frontend's own page-load noise (PAGE_LOAD_NOISE) is logged as an error while the page loads
+    and the workflows load, validate and are saved again."""
+    errors = [error for error in frontend["console_errors"] if not any(noise in error for noise in PAGE_LOAD_NOISE)]
+    assert errors == [], "\n".join(errors)
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
@@ -104,7 +165,7 @@ def test_workflow_loads_in_the_frontend(frontend, path):
     assert entry["missing_node_types"] == [], f"the frontend does not know {entry['missing_node_types']}"
     assert entry["dialogs"] == [], f"dialogs opened on load: {entry['dialogs']}"
     assert entry["node_count"] == len(json.loads(path.read_text())["nodes"])
-    assert (SCREENSHOT_DIR / f"{path.stem}.png").stat().st_size > 10_000
+    assert (frontend["screenshots"] / f"{path.stem}.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
@@ -117,7 +178,11 @@ def test_frontend_prompt_equals_the_api_copy(frontend, path):
     assert sorted(output) == sorted(expected)
     for key, node in expected.items():
         assert output[key]["class_type"] == node["class_type"]
-        assert output[key]["inputs"] == node["inputs"], f"node {key} ({node['class_type']})"
+        inputs = dict(output[key]["inputs"])
+        for name in FRONTEND_ONLY_INPUTS.get(node["class_type"], ()):
+            assert inputs.pop(name, "") == "", f"node {key} ({node['class_type']}): {name} = {inputs.get(name)!r}"
+        assert inputs == node["inputs"], f"node {key} ({node['class_type']})"
+        assert output[key]["_meta"]["title"] == node["_meta"]["title"], f"node {key} ({node['class_type']})"
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)

@@ -1,11 +1,12 @@
 """The pack inside a real, headless ComfyUI server (opt-in: set COMFYUI_PATH; see scripts/comfyui_integration.sh).
 
 What runs: `python main.py --cpu` from COMFYUI_PATH with an extra_model_paths.yaml that adds a custom_nodes folder
-holding a symlink to this repository (and one test-only node, below) and model folders holding stand-in weights.
+holding a symlink to this repository (and test-only nodes, below) and model folders holding stand-in weights.
 The tests check that the pack imports (no "(IMPORT FAILED)"), that /object_info lists the six ThinkDiff nodes and
 knows every input the shipped API workflows use, that every shipped workflow (workflows/api/*.api.json) runs to saved
-images through ComfyUI's FLUX sampler, that a bad aligner or a non-T5 text conditioning gives an execution error
-naming the cause while the server keeps answering, and that Cancel (POST /interrupt) stops a VLM generation.
+images through ComfyUI's FLUX, SD3 (MMDiT) or Chroma sampler, that a bad aligner or a non-T5 text conditioning gives
+an execution error naming the cause while the server keeps answering, and that Cancel (POST /interrupt) stops a VLM
+generation.
 
 Stand-ins (random weights, built locally and cached; see conftest.py and comfy_standins.py):
 - VLM: the tiny Qwen2-VL of thinkdiff_core.standin (hidden 64) as models/LLM/tiny-qwen2-vl-STANDIN.
@@ -24,17 +25,37 @@ Stand-ins (random weights, built locally and cached; see conftest.py and comfy_s
   the same guidance, but no T5 (the SD1 CLIP path returns the projected pooled vector, FLUX's clip_l path the
   unprojected one; both are 768 wide). FluxGuidance keeps the id of CLIPTextEncodeFlux, so every link stays, and a
   clip_l fed by a link (the three-modes workflow's VLM text) stays a link.
-  * LVLM workflow: that is all; mode "replace" uses only the base's pooled output and guidance.
-  * ThinkDiff-CLIP workflows and the three-modes workflow: "prepend" needs T5-space (4096-wide) text tokens, and
-    rightly refuses the 768-wide CLIP-L states (test_clip_l_conditioning_in_prepend_mode_names_t5 checks that
-    message: wiring an SD1 text encode into the node is a real user mistake). So a test-only node,
-    ThinkDiffTestT5Width (conftest.py), goes between CLIPTextEncode and FluxGuidance: it pads the CLIP-L states
-    with zero features to 4096 and with zero tokens to 256, as ComfyUI's FLUX T5 pads. Everything else runs as
-    shipped: prepend, text_tokens 128 (65 + 128 = 193 tokens for one picture, 258 for two), all three branches
-    of the three-modes workflow with one shared VLM run.
-The ThinkDiff nodes and the KSamplers keep every input of the shipped workflows except the model file names above;
-the KSamplers run 2 steps instead of 28 and the latent is 64x64 instead of 1024x1024.
-"""
+  * ThinkDiffConditioning reads the model family from its base and rightly refuses 768-wide CLIP-L states
+    (test_clip_l_conditioning_in_prepend_mode_names_t5 checks that message: wiring an SD1 text encode into the
+    node is a real user mistake). So a test-only node, ThinkDiffTestT5Width (conftest.py), goes between
+    CLIPTextEncode and FluxGuidance: it pads the CLIP-L states with zero features to 4096 and with zero tokens to
+    256, as ComfyUI's FLUX T5 pads. A T5TokenizerOptions node between the loader and the encode (the
+    ThinkDiff-CLIP workflows' 128-token T5 setting) stays; on the CLIP-L stand-in it has no T5 to act on.
+    Everything else runs as shipped: replace and prepend, text_tokens 128, all three branches of the three-modes
+    workflow with one shared VLM run.
+- SD3.5 (Large): a CheckpointLoaderSimple file with ComfyUI's own MMDiT (OpenAISignatureMMDITWrapper), config from
+  this ComfyUI's detection of an SD3.5 Large sketch (16 channels, patch 2, qk RMS norm, context 4096, pooled 2048,
+  pos_embed 192x192) at depth 2 (hidden 128, the last joint block context pre-only), and the VAE above under
+  first_stage_model (SD3's and FLUX's VAEs share the 16-channel AutoencoderKL config); ModelSamplingSD3, the
+  checkpoint's VAE output and EmptySD3LatentImage run as shipped.
+  * Text encoders: TripleCLIPLoader builds CLIP-G (32 layers, 1280 wide) and T5-XXL from fixed configs. It becomes
+    CLIPLoader(stand-in CLIP-L, "stable_diffusion"), and each CLIPTextEncodeSD3 becomes CLIPTextEncode(its clip_l
+    text) -> ThinkDiffTestSD3Layout (conftest.py), which keeps the encode's id (every link stays) and gives ComfyUI's
+    SD3 layout: a 77-token CLIP block (CLIP-L's states, CLIP-G's 1280 features zero as ComfyUI does without CLIP-G,
+    zero-padded to 4096) and then 77 T5-like tokens (CLIP-L's states tiled to 4096, nonzero past column 2048);
+    pooled_output CLIP-L's 768 ++ 1280 zeros = (1, 2048). empty_padding and the clip_g / t5xxl texts are dropped.
+- Chroma: ComfyUI's own Chroma class, config from this ComfyUI's detection (hidden 3072, context 4096, the 5-layer
+  5120-wide guidance approximator) with 1 double + 1 single block (631 M parameters), loaded by UNETLoader; the
+  FLUX VAE stand-in by VAELoader.
+  * Text encoder: CLIPLoader(T5-XXL, type "chroma") becomes CLIPLoader(stand-in CLIP-L, "stable_diffusion"), and
+    each CLIPTextEncode gets a ThinkDiffTestT5Only after it (under the encode's id): CLIP-L's states tiled to 4096,
+    pooled_output None, as ComfyUI's T5-only encoders give.
+  A ThinkDiffTestConditioningProbe on each KSampler input (a side branch, the sampler's own links unchanged)
+  reports the layout the sampler got, which test_sd35_and_chroma_workflows_run_to_saved_images checks.
+The ThinkDiff nodes, KSamplers, VAEDecode, SaveImage, ModelSamplingSD3, EmptySD3LatentImage and T5TokenizerOptions
+keep every input of the shipped workflows except the model file names above; the KSamplers run 2 steps instead of
+28 or 40 and the latent is 64x64 instead of 1024x1024 (checked by
+test_standin_substitutions_keep_the_thinkdiff_subgraph_and_sampler)."""
 
 from __future__ import annotations
 
@@ -59,6 +80,10 @@ LVLM, CLIP_STYLE, CLIP_COMPOSE, THREE_MODES = (
     "thinkdiff_clip_compose",
     "thinkdiff_three_modes",
 )
+FLUX_WORKFLOWS = [LVLM, CLIP_STYLE, CLIP_COMPOSE, THREE_MODES]
+SD35_WORKFLOWS = ["thinkdiff_sd35_lvlm_in_context", "thinkdiff_sd35_clip_compose"]
+CHROMA_WORKFLOWS = ["thinkdiff_chroma_lvlm_in_context", "thinkdiff_chroma_clip_compose"]
+RUN_WORKFLOWS = FLUX_WORKFLOWS + SD35_WORKFLOWS + CHROMA_WORKFLOWS  # every shipped workflow, run on stand-ins
 THINKDIFF_NODES = (
     "ThinkDiffVLMLoader",
     "ThinkDiffAlignerLoader",
@@ -91,10 +116,10 @@ def node_id(prompt: dict, class_type: str) -> str:
 def standin_prompt(standins, name: str = LVLM, aligner: str | None = None, t5_width: bool | None = None) -> dict:
     """A shipped API workflow with the stand-in substitutions described in the module docstring.
 
-    t5_width: put ThinkDiffTestT5Width after each CLIP-L encode (default: for every workflow but the LVLM one)."""
+    t5_width: put ThinkDiffTestT5Width after each CLIP-L encode of a FLUX workflow (default: yes)."""
     prompt = copy.deepcopy(shipped_prompt(name))
     if t5_width is None:
-        t5_width = name != LVLM
+        t5_width = True
     for key in node_ids(prompt, "ThinkDiffVLMLoader"):
         prompt[key]["inputs"]["model"] = standins.vlm
     for key in node_ids(prompt, "ThinkDiffAlignerLoader"):
@@ -102,36 +127,74 @@ def standin_prompt(standins, name: str = LVLM, aligner: str | None = None, t5_wi
         prompt[key]["inputs"]["aligner"] = aligner or (standins.clip_aligner if clip_variant else standins.aligner)
     for key in node_ids(prompt, "ThinkDiffVisionLoader"):
         assert prompt[key]["inputs"]["encoder"] == standins.vision  # installed under the workflow's own name
-    prompt[node_id(prompt, "UNETLoader")]["inputs"]["unet_name"] = standins.flux
-    prompt[node_id(prompt, "VAELoader")]["inputs"]["vae_name"] = standins.vae
-    clip_id = node_id(prompt, "DualCLIPLoader")
+    family = workflow_family(name)
+    if family == "sd3":
+        prompt[node_id(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] = standins.sd35
+        clip_id, loader_class, encode_class, layout_class = (
+            "",
+            "TripleCLIPLoader",
+            "CLIPTextEncodeSD3",
+            "ThinkDiffTestSD3Layout",
+        )
+    else:
+        unet_name = standins.chroma if family == "chroma" else standins.flux
+        prompt[node_id(prompt, "UNETLoader")]["inputs"]["unet_name"] = unet_name
+        prompt[node_id(prompt, "VAELoader")]["inputs"]["vae_name"] = standins.vae
+        if family == "chroma":
+            loader_class, encode_class, layout_class = "CLIPLoader", "CLIPTextEncode", "ThinkDiffTestT5Only"
+        else:
+            loader_class, encode_class, layout_class = "DualCLIPLoader", "CLIPTextEncodeFlux", "ThinkDiffTestT5Width"
+    clip_id = node_id(prompt, loader_class)
+    if family == "chroma":
+        assert prompt[clip_id]["inputs"]["type"] == "chroma"
     prompt[clip_id] = {
         "class_type": "CLIPLoader",
         "inputs": {"clip_name": standins.clip_l, "type": "stable_diffusion", "device": "default"},
     }
-    for text_id in node_ids(prompt, "CLIPTextEncodeFlux"):
+    for text_id in node_ids(prompt, encode_class):
         text_inputs = prompt[text_id]["inputs"]
-        assert text_inputs["clip"] == [clip_id, 0]
-        prompt[f"{text_id}_clip_l"] = {
-            "class_type": "CLIPTextEncode",
-            "inputs": {"text": text_inputs["clip_l"], "clip": [clip_id, 0]},
-        }
+        clip_source = text_inputs["clip"]  # the loader, or T5TokenizerOptions fed by it
+        if clip_source != [clip_id, 0]:
+            assert prompt[clip_source[0]]["class_type"] == "T5TokenizerOptions"
+            assert prompt[clip_source[0]]["inputs"]["clip"] == [clip_id, 0]
+        text = text_inputs["text"] if family == "chroma" else text_inputs["clip_l"]
+        prompt[f"{text_id}_clip_l"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip_source}}
         encoded = f"{text_id}_clip_l"
-        if t5_width:
-            prompt[f"{text_id}_t5_width"] = {
-                "class_type": "ThinkDiffTestT5Width",
-                "inputs": {"conditioning": [encoded, 0]},
+        if family == "flux":
+            if t5_width:
+                prompt[f"{text_id}_t5_width"] = {"class_type": layout_class, "inputs": {"conditioning": [encoded, 0]}}
+                encoded = f"{text_id}_t5_width"
+            # FluxGuidance keeps the id of CLIPTextEncodeFlux, so every link stays.
+            prompt[text_id] = {
+                "class_type": "FluxGuidance",
+                "inputs": {"conditioning": [encoded, 0], "guidance": text_inputs["guidance"]},
             }
-            encoded = f"{text_id}_t5_width"
-        prompt[text_id] = {
-            "class_type": "FluxGuidance",
-            "inputs": {"conditioning": [encoded, 0], "guidance": text_inputs["guidance"]},
-        }
+        else:  # the layout node keeps the id of the encode node, so every link stays
+            prompt[text_id] = {"class_type": layout_class, "inputs": {"conditioning": [encoded, 0]}}
     for key in node_ids(prompt, "KSampler"):
         prompt[key]["inputs"]["steps"] = TEST_STEPS
     latent = prompt[node_id(prompt, "EmptySD3LatentImage")]["inputs"]
     latent["width"] = latent["height"] = TEST_SIZE
     return prompt
+
+
+def workflow_family(name: str) -> str:
+    return "sd3" if name.startswith("thinkdiff_sd35_") else "chroma" if name.startswith("thinkdiff_chroma_") else "flux"
+
+
+def probe_sampler_conditioning(prompt: dict) -> dict[str, str]:
+    """Adds a ThinkDiffTestConditioningProbe on every KSampler's positive and negative input (a side branch: the
+    sampler still gets its input straight from the shipped node). Returns {probe id: what it probes}."""
+    probes = {}
+    for key in node_ids(prompt, "KSampler"):
+        for side in ("positive", "negative"):
+            probe_id = f"{key}_probe_{side}"
+            prompt[probe_id] = {
+                "class_type": "ThinkDiffTestConditioningProbe",
+                "inputs": {"conditioning": prompt[key]["inputs"][side]},
+            }
+            probes[probe_id] = side
+    return probes
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +250,34 @@ def test_shipped_api_workflow_uses_known_nodes_and_inputs(server, name):
         assert not missing, f"node {key} ({node['class_type']}): required inputs not set: {missing}"
 
 
-@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_every_shipped_workflow_is_run(standins):
+    assert sorted(RUN_WORKFLOWS) == API_WORKFLOWS
+
+
+KEPT_NODES = (
+    *THINKDIFF_NODES,
+    "KSampler",
+    "SaveImage",
+    "VAEDecode",
+    "PreviewAny",
+    "ModelSamplingSD3",
+    "EmptySD3LatentImage",
+    "T5TokenizerOptions",
+    "LoadImage",
+)
+
+
+@pytest.mark.parametrize("name", RUN_WORKFLOWS)
 def test_standin_substitutions_keep_the_thinkdiff_subgraph_and_sampler(standins, name):
     shipped, test_copy = shipped_prompt(name), standin_prompt(standins, name)
-    allowed = {"ThinkDiffVLMLoader": {"model"}, "ThinkDiffAlignerLoader": {"aligner"}, "KSampler": {"steps"}}
+    allowed = {
+        "ThinkDiffVLMLoader": {"model"},
+        "ThinkDiffAlignerLoader": {"aligner"},
+        "KSampler": {"steps"},
+        "EmptySD3LatentImage": {"width", "height"},
+    }
     for key, node in shipped.items():
-        if node["class_type"] in (*THINKDIFF_NODES, "KSampler", "SaveImage", "VAEDecode", "PreviewAny"):
+        if node["class_type"] in KEPT_NODES:
             assert test_copy[key]["class_type"] == node["class_type"]
             changed = {name for name, value in node["inputs"].items() if test_copy[key]["inputs"][name] != value}
             assert changed <= allowed.get(node["class_type"], set()), f"{node['class_type']} changed: {changed}"
@@ -254,13 +339,65 @@ def test_new_workflows_run_through_flux_sampler(server, standins, name):
     )
 
 
+@pytest.mark.parametrize("name", SD35_WORKFLOWS + CHROMA_WORKFLOWS)
+def test_sd35_and_chroma_workflows_run_to_saved_images(server, standins, name):
+    """The SD3.5 workflows through ComfyUI's SD3 MMDiT (CheckpointLoaderSimple, ModelSamplingSD3, the checkpoint's VAE)
+    and the Chroma ones through ComfyUI's Chroma (UNETLoader, the FLUX VAE) end in saved images of the latent's size;
+    a probe on each sampler input shows the conditioning the sampler got: 4096 wide; SD3: the 77-token CLIP block in
+    front and a (1, 2048) pooled vector; Chroma: no CLIP block and no pooled vector; ThinkDiff's tokens in the
+    positive one (replace: the VLM's aligned tokens instead of T5's; prepend: the vision tokens before T5's)."""
+    from PIL import Image
+
+    family = workflow_family(name)
+    prompt = standin_prompt(standins, name)
+    probes = probe_sampler_conditioning(prompt)
+    started = time.perf_counter()
+    entry = run_prompt(server, prompt)
+    elapsed = time.perf_counter() - started
+    assert entry["status"]["status_str"] == "success", f"{server.execution_error(entry)}\n{server.log_tail()}"
+    shipped = shipped_prompt(name)
+    save_id = node_id(shipped, "SaveImage")
+    images = entry["outputs"][save_id]["images"]
+    assert len(images) == 1 and images[0]["filename"].startswith(shipped[save_id]["inputs"]["filename_prefix"])
+    path = server.home.output / images[0]["subfolder"] / images[0]["filename"]
+    with Image.open(path) as image:
+        assert image.size == (TEST_SIZE, TEST_SIZE) and image.mode == "RGB"
+    model_class = {"sd3": "SD3", "chroma": "Chroma"}[family]  # comfy.model_base's class, as ComfyUI logs it
+    assert f"Requested to load {model_class}\n" in server.log(), f"no {model_class} model loaded:\n{server.log_tail()}"
+    layouts = {side: json.loads(entry["outputs"][probe_id]["layout"][0]) for probe_id, side in probes.items()}
+    negative_tokens = layouts["negative"][0]["shape"][1]
+    for side, layout in layouts.items():
+        assert len(layout) == 1 and layout[0]["finite"], (side, layout)
+        batch, tokens, width = layout[0]["shape"]
+        assert batch == 1 and width == 4096, (side, layout)
+        if family == "sd3":
+            assert layout[0]["clip_tokens"] == 77 and layout[0]["pooled"] == [1, 2048], (side, layout)
+        else:
+            assert layout[0]["clip_tokens"] == 0 and layout[0]["pooled"] is None, (side, layout)
+    positive_tokens = layouts["positive"][0]["shape"][1]
+    mode = shipped[node_id(shipped, "ThinkDiffConditioning")]["inputs"]["mode"]
+    base_tokens = 2 * 77 if family == "sd3" else 77  # the stand-in encoders' token counts (CLIP block + T5 part)
+    assert negative_tokens == base_tokens, layouts
+    if mode == "prepend":  # the 65 vision tokens of each picture before the base's T5 tokens
+        assert positive_tokens == base_tokens + 2 * 65, layouts
+    else:  # replace: the T5 tokens are ThinkDiff's (the VLM's generated tokens, aligned), the CLIP block stays
+        generated = positive_tokens - (77 if family == "sd3" else 0)
+        num_tokens = shipped[node_id(shipped, "ThinkDiffVLMEncode")]["inputs"]["num_tokens"]
+        assert 0 < generated <= num_tokens, layouts
+    print(
+        f"[comfyui] {name}: success in {elapsed:.1f} s, conditioning {layouts['positive'][0]['shape']} "
+        f"(CLIP block {layouts['positive'][0]['clip_tokens']}, pooled {layouts['positive'][0]['pooled']}), "
+        f"{TEST_STEPS} steps at {TEST_SIZE}px"
+    )
+
+
 def test_clip_l_conditioning_in_prepend_mode_names_t5(server, standins):
-    """A 768-wide text conditioning (an SD1 CLIP text encode wired into the node) cannot take prepended tokens."""
+    """A 768-wide text conditioning (an SD1 CLIP text encode wired into the node) is refused, naming T5-XXL."""
     entry = run_prompt(server, standin_prompt(standins, CLIP_STYLE, t5_width=False))
     assert entry["status"]["status_str"] == "error"
     error = server.execution_error(entry)
     assert error is not None and error["node_type"] == "ThinkDiffConditioning", error
-    for fragment in ("cannot prepend 4096-wide aligned tokens to a 768-wide conditioning", "T5-XXL"):
+    for fragment in ("the base conditioning is 768 wide", "4096 wide (T5-XXL space)"):
         assert fragment in error["exception_message"], error["exception_message"]
     assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
 
