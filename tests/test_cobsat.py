@@ -69,6 +69,30 @@ def test_answer_parser(reply, answer):
     assert parse_answer(reply) == answer
 
 
+@pytest.mark.parametrize(
+    "reply, answer",
+    [
+        ("²", 2),  # superscript two: int() of it raised ValueError and aborted the judge run
+        ("①", 1),  # circled one
+        ("(⑩)", -1),  # circled ten is not a digit character
+        ("٣", 3),  # Arabic-Indic three
+        ("３", 3),  # full-width three
+        ("𝟕.", 7),  # mathematical bold seven
+        ("Ⅻ", -1),  # a Roman numeral is numeric but no digit
+        ("½", -1),
+        ("0010", 10),  # leading zeros, as int() reads them
+        ("9" * 5000, -1),  # past int()'s 4300-digit limit
+        ("\x00\ud800?", -1),  # a NUL and a lone surrogate
+        ("3\n\n4", -1),
+        ("🙂 5 🙂", 5),
+        (None, -1),
+        (7, -1),  # not text
+    ],
+)
+def test_answer_parser_survives_any_reply(reply, answer):
+    assert parse_answer(reply) == answer
+
+
 def test_questions_are_the_benchmarks():
     asked = questions(TASKS[3])  # Background-I: 'park' shows as 'amusement park', objects are animals
     assert asked["attribute"].startswith(

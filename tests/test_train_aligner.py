@@ -85,7 +85,7 @@ def test_resume_gives_the_same_loss_curve(lvlm_run, tiny_train_data, tmp_path):
 
 def test_resume_without_a_checkpoint_says_what_exists(tiny_train_data, tmp_path):
     (tmp_path / "checkpoints" / ".tmp-checkpoint-0000010").mkdir(parents=True)  # an interrupted save does not count
-    with pytest.raises(ResumeError, match=r"no complete checkpoint.*\.tmp-checkpoint-0000010"):
+    with pytest.raises(ResumeError, match=r"no complete checkpoint.*removed as incomplete.*\.tmp-checkpoint-0000010"):
         train(tiny_train_data, tmp_path, 2, resume=True)
 
 

@@ -83,3 +83,27 @@ def test_fast_engine_extraction_writes_the_same_kind_of_shards(tiny_train_data, 
     assert len(lengths) + len(info["skipped"]) == 8 and all(1 <= n <= 12 for n in lengths)
     assert tensors["features"].shape == (sum(lengths), 64) and tensors["token_ids"].shape == (sum(lengths),)
     assert torch.isfinite(tensors["features"].float()).all()
+
+
+def test_input_token_ablation_keeps_the_first_prompt_states(tiny_train_data, tiny_features):
+    """max_input_tokens truncates as the official collater does: the FIRST states (image tokens, then the
+    instruction), not the last."""
+    from transformers import AutoTokenizer
+
+    from thinkdiff_train.config import load_config
+    from thinkdiff_train.tasks import LvlmTask
+
+    config = load_config(
+        "train/configs/tiny.yaml",
+        tiny_overrides(tiny_train_data, feature_source="input", max_input_tokens=5)[1::2],
+    )
+    shards = FeatureShards(tiny_features)
+    t5 = AutoTokenizer.from_pretrained(config.t5_path)
+    vlm = AutoTokenizer.from_pretrained(config.vlm_path)
+    task = LvlmTask(shards, list(range(len(shards))), vlm, t5, config)
+    prompt = shards[0]["prompt_features"]
+    assert len(prompt) > 5
+    item = task[(0, 0)]
+    torch.testing.assert_close(item["features"], prompt[:5])
+    assert not torch.equal(item["features"], prompt[-5:])
+    assert task.lengths([(0, 0)])[0][0] == 5

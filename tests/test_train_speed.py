@@ -239,10 +239,12 @@ def test_compiled_blocks_match_eager_with_one_graph_per_kind_of_block(tiny_t5, c
     from torch._dynamo.utils import counters
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from thinkdiff_core.hf_compat import t5_empty_encoder_layers
+
     torch.manual_seed(0)
     config = T5Config(
         **{key: tiny_t5.config.to_dict()[key] for key in ("vocab_size", "d_model", "d_ff", "d_kv", "num_heads")},
-        num_layers=0,
+        num_layers=t5_empty_encoder_layers(),
         num_decoder_layers=3,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
@@ -337,8 +339,14 @@ def test_bucketing_lowers_padding_in_a_run(tiny_train_data, tiny_features, tmp_p
     assert bucketed[0] < plain[0] and bucketed[1] < plain[1], (bucketed, plain)
 
 
-def test_resuming_with_another_data_order_warns(tiny_train_data, tiny_features, tmp_path, caplog):
+def test_resuming_with_another_data_order_is_refused_unless_allowed(tiny_train_data, tiny_features, tmp_path, caplog):
+    from thinkdiff_core.errors import ChangedSettingsError
+
     train(tiny_train_data, tmp_path, 2, checkpoint_every=2, eval_every=0)
-    with caplog.at_level(logging.WARNING, logger="thinkdiff.train"):
+    with pytest.raises(ChangedSettingsError, match=r"length_bucketing True -> False.*--allow-changed-settings"):
         train(tiny_train_data, tmp_path, 3, resume=True, length_bucketing=False, eval_every=0)
-    assert "differs from this run's" in caplog.text and "length_bucketing" in caplog.text
+    config = tiny_config(tiny_train_data, output_dir=tmp_path, max_steps=3, length_bucketing=False, eval_every=0)
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.train"):
+        train_aligner.train(config, resume=True, allow_changed_settings=True)
+    assert "changed settings (length_bucketing True -> False)" in caplog.text
+    assert [row["step"] for row in metrics(tmp_path)][-1] == 3

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 from .checkpoints import convert_official, read_metadata
 from .dtypes import DTYPE_CHOICES, torch_dtype
-from .errors import ThinkDiffError
+from .errors import OutputPathError, report_cli_error
+from .files import same_file, write_atomic, write_text_atomic
+from .flux import BASES, DEFAULT_BASE
 
 LAYOUT_ALIASES = {
     "in-context words": "in-context words",
@@ -60,7 +64,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="aligner file (.safetensors or thinkdiff_lvlm.pth) or 'Mifucius/ThinkDiff/thinkdiff_lvlm.pth'; not needed for --mode text",
     )
     parser.add_argument(
-        "--flux", required=True, help="diffusers FLUX folder or cached repo id (black-forest-labs/FLUX.1-dev)"
+        "--flux",
+        required=True,
+        help="diffusers folder or cached repo id of the image model (black-forest-labs/FLUX.1-dev; for another "
+        "--base, that base's pipeline folder)",
+    )
+    parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        choices=list(BASES),
+        help="the T5-XXL image model --flux points at (default flux-dev): any of them takes the aligned tokens",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
@@ -72,12 +85,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, size: int, steps: int) -> None:
-    """Sampling flags; defaults are the recipe's (sections 5 and 10) except `size` and `steps`, which the caller sets."""
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, size: int, steps: int | None, guidance: float | None = 3.5
+) -> None:
+    """Sampling flags; defaults are the recipe's (sections 5 and 10) except `size`, `steps` and `guidance`, which the
+    caller sets (None: the --base's own default, e.g. flux-schnell 4 steps)."""
     parser.add_argument("--mode", default="thinkdiff", choices=["thinkdiff", "text", "hybrid"])
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default: the base's, flux-dev 28)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=guidance,
+        help="FLUX's distilled guidance, or the other bases' CFG scale (default: the base's, flux-dev 3.5)",
+    )
     parser.add_argument("--size", type=int, default=size, help="width and height in pixels (multiple of 16)")
     parser.add_argument("--num-tokens", type=int, default=128, help="VLM tokens to generate (the recipe: 128)")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -88,7 +109,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, size: int, steps: 
 def add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="images + text -> VLM -> aligner -> FLUX -> one image")
     add_model_arguments(generate)
-    add_generation_arguments(generate, size=1024, steps=28)
+    add_generation_arguments(generate, size=1024, steps=None, guidance=None)
     generate.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeat, in order)")
     text = generate.add_mutually_exclusive_group(required=True)
     text.add_argument(
@@ -122,6 +143,75 @@ def generation_settings(args: argparse.Namespace):
         ) from error
 
 
+def check_output_path(path: Path, extensions: dict[str, str], what: str, flag: str) -> None:
+    """Before any model loads: the output's extension is one we can write, and its folder exists or can be made and
+    is writable. A bad --output must fail in a second, not after minutes of generation."""
+    first = next(iter(extensions))
+    if path.is_dir():
+        raise OutputPathError(
+            f"{flag} '{path}' is a folder; give a file name inside it (e.g. {path / ('out' + first)})."
+        )
+    if path.suffix.lower() not in extensions:
+        common = [ext for ext in (".png", ".jpg", ".webp", ".bmp", ".tif", ".safetensors") if ext in extensions]
+        raise OutputPathError(
+            f"{flag} '{path}': '{path.suffix or '(no extension)'}' is not a known {what} extension; use one of "
+            f"{common} (e.g. {path.with_suffix(first).name})."
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(
+            f"{flag} '{path}': the folder '{folder}' is not writable{'' if folder.is_dir() else ' (it is a file)'}. "
+            f"Choose a folder you can write to."
+        )
+
+
+def check_generate_arguments(args: argparse.Namespace) -> None:
+    """Every generate flag whose bad value would otherwise surface only after the models load (or never)."""
+    from PIL import Image
+
+    from .errors import PromptError
+
+    if args.size < 16 or args.size % 16:
+        suggestion = max(16, args.size // 16 * 16)
+        raise PromptError(
+            f"--size {args.size}: the image models need a width and height of at least 16 and a multiple of 16; use e.g. "
+            f"{suggestion} (the recipe: 1024)."
+        )
+    if args.size > 4096:
+        raise PromptError(f"--size {args.size} is beyond the image models' range (at most 4096 here); use e.g. 1024.")
+    if args.steps is not None and args.steps < 1:
+        raise PromptError(f"--steps {args.steps}: at least 1 denoising step is needed (the recipe: 28).")
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
+        raise PromptError(f"--guidance {args.guidance} must be a finite number >= 0 (the recipe: 3.5).")
+    extensions = {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    extensions = {".png": "PNG", **{ext: fmt for ext, fmt in extensions.items() if ext != ".png"}}
+    check_output_path(args.output, extensions, "image", "--output")
+    for path in args.image:
+        if same_file(path, args.output) or same_file(path, args.output.with_suffix(".json")):
+            raise OutputPathError(
+                f"--output '{args.output}' (or its .json beside it) is the input image '{path}'; writing would "
+                f"replace it. Choose another --output."
+            )
+
+
+def read_image(path: Path):
+    """An --image file as RGB; an unreadable one is named (PIL's own error says only 'cannot identify')."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import PromptError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise PromptError(
+            f"input image '{path}' could not be read ({type(error).__name__}: {error}); it is truncated or not an "
+            f"image. Give a PNG/JPEG/WebP file."
+        ) from error
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -129,10 +219,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from .pipeline import default_device, generate, load_models
     from .prompts import layout_content
 
-    if args.size % 16:
-        raise PromptError(
-            f"--size {args.size} is not a multiple of 16, which FLUX needs; use e.g. {args.size // 16 * 16 or 16}."
-        )
+    check_generate_arguments(args)
     if args.mode != "text" and not args.aligner:
         raise PromptError(
             f"--mode {args.mode} needs --aligner (e.g. thinkdiff_lvlm.pth); only --mode text runs without one."
@@ -143,7 +230,7 @@ def run_generate(args: argparse.Namespace) -> None:
     settings = generation_settings(args)
     layout = "in-context words" if args.words else LAYOUT_ALIASES[args.layout]
     prompt = "\n".join(args.words) if args.words else args.prompt.replace("\\n", "\n")
-    images = [Image.open(path).convert("RGB") for path in args.image]
+    images = [read_image(path) for path in args.image]
     content = layout_content(layout, prompt, images)
     device = args.device or default_device()
     dtype = torch_dtype(args.dtype, device)
@@ -155,38 +242,43 @@ def run_generate(args: argparse.Namespace) -> None:
         dtype=dtype,
         allow_download=args.allow_download,
         cpu_offload=args.cpu_offload,
+        base=args.base,
     )
+    base = BASES[args.base]
+    steps = args.steps if args.steps is not None else base.steps
+    guidance = args.guidance if args.guidance is not None else base.guidance
     result = generate(
         models,
         content,
         args.mode,
         settings,
-        steps=args.steps,
-        guidance=args.guidance,
+        steps=steps,
+        guidance=guidance,
         width=args.size,
         height=args.size,
         seed=args.seed,
         add_vision_id=layout == "in-context words",
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(args.output)
+    image_format = Image.registered_extensions()[args.output.suffix.lower()]
+    write_atomic(args.output, lambda tmp: result.image.save(tmp, format=image_format))
     record = {
         "mode": args.mode,
         "layout": layout,
         "prompt": prompt,
         "images": [str(path) for path in args.image],
         "description": result.text,
+        "base": args.base,
         "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
+        "steps": steps,
+        "guidance": guidance,
         "size": args.size,
         "num_tokens": args.num_tokens,
         "timings_s": {key: round(value, 4) for key, value in result.timings.items()},
     }
-    args.output.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(args.output.with_suffix(".json"), json.dumps(record, indent=2))
     cond = result.conditioning[0][0]
     print(
-        f"wrote {args.output} ({result.image.width}x{result.image.height}), mode {args.mode}, FLUX tokens {tuple(cond.shape)}"
+        f"wrote {args.output} ({result.image.width}x{result.image.height}), mode {args.mode}, {args.base} tokens {tuple(cond.shape)}"
     )
     print(f"VLM text: {result.text!r}")
     print("timings: " + ", ".join(f"{key} {value:.2f} s" for key, value in result.timings.items()))
@@ -201,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("convert", "extract-vision"):
+            check_output_path(Path(args.dst), {".safetensors": "safetensors"}, "output", args.command)
         if args.command == "convert":
             out = convert_official(args.src, args.dst, variant=args.variant)
             meta = read_metadata(out)
@@ -212,9 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
             out = extract_vision_tower(args.src, args.dst)
             print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    except ThinkDiffError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # a ThinkDiffError names its own fix; a library's error is translated (no traceback)
+        return report_cli_error(error)
     return 0
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .aligner import AlignerSpec, ThinkDiffAligner
 from .errors import CheckpointError, UnsafeCheckpointError
-from .files import write_atomic
+from .files import same_file, write_atomic
 
 FORMAT_VERSION = 1
 METADATA_KEYS = ("format_version", "variant", "input_dim", "output_dim", "source_model", "num_tokens")
@@ -65,6 +65,7 @@ def load_aligner(
     """
     state, metadata = read_aligner_state(path)
     spec = spec_from_state_dict(state, metadata, variant=variant, file_name=Path(path).name)
+    check_weights(state, Path(path).name)
     aligner = ThinkDiffAligner(spec)
     aligner.load_state_dict(state, strict=True)
     return aligner.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -127,9 +128,53 @@ def spec_from_state_dict(
 
 
 def convert_official(src: str | os.PathLike, dst: str | os.PathLike, variant: str | None = None) -> Path:
-    """Convert an official `thinkdiff_*.pth` to this project's safetensors format; return the new path."""
+    """Convert an official `thinkdiff_*.pth` to this project's safetensors format; return the new path.
+
+    The output may never be the input (the same path, a symlink or a hard link to it): the source is never touched.
+    The new file is written under a temp name, read back and compared with the source's weights, then renamed.
+    """
+    src, dst = Path(src), Path(dst)
+    if same_file(src, dst):
+        raise CheckpointError(
+            f"convert: the output '{dst}' is the input file itself; converting would replace the original. "
+            f"Give another output name, e.g. '{src.stem}-converted.safetensors'."
+        )
+    if dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(
+            f"convert: the output '{dst.name}' must end in .safetensors (the format written); e.g. "
+            f"'{dst.with_suffix('.safetensors').name}'."
+        )
     aligner = load_aligner(src, variant=variant)
-    return save_aligner(aligner, dst, extra_metadata={"converted_from": Path(src).name})
+    expected = aligner.state_dict()
+
+    def verified_save(tmp: Path) -> None:
+        save_aligner(aligner, tmp, extra_metadata={"converted_from": src.name})
+        written, _ = _read_safetensors(tmp)
+        if set(written) != set(expected) or any(not torch.equal(written[k], expected[k].float()) for k in expected):
+            raise CheckpointError(
+                f"convert: '{dst.name}' read back differently from what was written (a failing disk?); "
+                f"nothing was replaced. Try another output folder."
+            )
+
+    return write_atomic(dst, verified_save)
+
+
+def check_weights(state: dict[str, torch.Tensor], file_name: str) -> None:
+    """Refuse weights that cannot be an aligner's: not floating point (int8, bool: a quantized or foreign file), or
+    holding NaN/inf (a diverged or damaged training), which would only surface later as a NaN picture."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"'{file_name}': {key} holds {str(value.dtype).removeprefix('torch.')} values; an aligner's weights "
+                f"are floating point (float32/bfloat16/float16). The file is quantized, damaged or not an aligner: "
+                f"use the released file or re-export it."
+            )
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CheckpointError(
+                f"'{file_name}': {key} holds {bad} NaN/inf value(s); the aligner was damaged or its training "
+                f"diverged. Use an earlier or the released aligner file."
+            )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -181,15 +226,35 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_official_pickle(path: Path) -> dict[str, torch.Tensor]:
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); the legacy format and plain pickles start with the PROTO opcode.
+    if not (
+        head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+    ):
+        raise CheckpointError(
+            f"'{path.name}' is not a PyTorch checkpoint at all: it is neither a zip archive (torch.save) nor a pickle "
+            f"(it starts with bytes {head.hex()}). It is corrupt or another kind of file: download the aligner again."
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        if reason:
+            raise UnsafeCheckpointError(
+                f"refused to load '{path.name}': it holds pickled objects that only load by running code "
+                f"({reason.removeprefix('WeightsUnpickler error: ')[:160]}). Nothing in it was run. The official "
+                f"ThinkDiff checkpoints load safely; get the file from its original source, or convert a trusted "
+                f"copy to safetensors."
+            ) from error
+        lines = str(error).splitlines() or [""]
+        detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
         raise UnsafeCheckpointError(
-            f"refused to load '{path.name}': it holds pickled objects that only load by running code "
-            f"({str(error).splitlines()[0]}). Nothing in it was run. The official ThinkDiff checkpoints load safely; "
-            f"get the file from its original source, or convert a trusted copy to safetensors."
+            f"refused to load '{path.name}': it is a pickle the safe (weights-only) loader cannot read ({detail}); "
+            f"it is damaged or needs to run code to load. Nothing in it was run. Get the file from its original "
+            f"source again."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as error:
         raise CheckpointError(
             f"'{path.name}' could not be read as a PyTorch checkpoint ({error}). It is probably truncated or corrupt: "
             f"download it again."

@@ -1,4 +1,5 @@
-"""Atomic file writes: every file this project saves (aligners, shards, benchmark outputs) goes through here."""
+"""Atomic file writes: every file this project saves (aligners, shards, checkpoints' state files, metrics, images)
+goes through here."""
 
 from __future__ import annotations
 
@@ -8,17 +9,56 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call write(temp_path) in the target folder, then rename onto `path`: a crash or a failed write never leaves
-    a half-written file under the final name, and the temp file is removed on failure."""
+    a half-written file under the final name, and the temp file is removed on failure.
+
+    The final file gets the mode an ordinary open() would give it (0666 minus the umask), not mkstemp's 0600, so a
+    shared models folder stays readable by the users it was readable by.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp_name))
+        os.chmod(tmp_name, 0o666 & ~current_umask())  # after the write: safetensors' save_file makes its own 0600 file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """write_atomic for a text file (UTF-8)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: the same path written another way, a symlink or a hard link."""
+    first, second = Path(first), Path(second)
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of write_atomic's temp files (`.NAME.XXXX.tmp`), left behind only by a killed process."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the mode open() would (0666 minus the umask): for files libraries write with
+    0600 of their own (safetensors' save_file, inside accelerate's checkpoints)."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)

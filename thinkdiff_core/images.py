@@ -40,6 +40,14 @@ def pil_images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
         images = images[None]
     if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
         raise PromptError(f"expected images shaped (batch, height, width, 1|3|4 channels), got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise PromptError(f"the image is empty (shape {tuple(images.shape)}); connect a picture with pixels.")
+    bad = int((~torch.isfinite(images)).sum()) if images.is_floating_point() else 0
+    if bad:  # clamp() would turn NaN into black: a broken upstream node must not become a plausible picture
+        raise PromptError(
+            f"the image holds {bad} NaN/inf value(s) of {images.numel()}; the node that made it failed (a VAE decode "
+            f"in float16 often does). Fix or replace that node's output."
+        )
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     out = []
     for array in pixels:

@@ -126,25 +126,42 @@ def load_vision_encoder(
             f"vision encoder folder '{path}' has no config.json. Point it at a local copy of "
             f"Salesforce/blip2-flan-t5-xxl (or a folder saved from Blip2VisionModel)."
         )
+    from safetensors import SafetensorError
+
+    from .vlm_loader import check_loading_info, describe_keys, read_config_json
+
     transformers = import_transformers()
-    config = json.loads((path / "config.json").read_text())
+    config = read_config_json(path)
     model_type = config.get("model_type")
-    if model_type == "blip_2_vision_model":
-        model = transformers.Blip2VisionModel.from_pretrained(path, local_files_only=True, **dtype_kwargs(dtype))
-    elif model_type == "blip-2":
-        vision_config = transformers.Blip2VisionConfig(**config.get("vision_config", {}))
-        state = _read_prefixed_weights(path, VISION_PREFIX)
-        with torch.device("meta"):  # no random init of ~1 B parameters that are overwritten right away
-            model = transformers.Blip2VisionModel(vision_config)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing:
-            raise ModelFolderError(
-                f"'{path.name}' lacks vision tower weights {missing[:4]}{' ...' if len(missing) > 4 else ''}: the "
-                f"download is incomplete. Fetch every *.safetensors file of the BLIP-2 repository."
+    try:
+        if model_type == "blip_2_vision_model":
+            model, info = transformers.Blip2VisionModel.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **dtype_kwargs(dtype)
             )
-        if unexpected:
-            logger.warning("ignoring %d unexpected vision keys in %s", len(unexpected), path.name)
-    else:
+            check_loading_info(info, path, "BLIP-2's vision tower")
+        elif model_type == "blip-2":
+            vision_config = transformers.Blip2VisionConfig(**config.get("vision_config", {}))
+            state = _read_prefixed_weights(path, VISION_PREFIX)
+            with torch.device("meta"):  # no random init of ~1 B parameters that are overwritten right away
+                model = transformers.Blip2VisionModel(vision_config)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            if missing:
+                raise ModelFolderError(
+                    f"'{path}' lacks {len(missing)} tensor(s) of BLIP-2's vision tower ({describe_keys(missing)}): the "
+                    f"download is incomplete. Fetch every *.safetensors file of the BLIP-2 repository."
+                )
+            if unexpected:
+                logger.warning("ignoring %d unexpected vision keys in %s", len(unexpected), path.name)
+    except (RuntimeError, ValueError, OSError, SafetensorError, TypeError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ModelFolderError(
+            f"the vision tower weights in '{path}' could not be loaded ({type(error).__name__}: {first}): a weight "
+            f"file is truncated, corrupt or of another model (shapes that do not fit config.json). Download the "
+            f"BLIP-2 repository again."
+        ) from error
+    if model_type not in ("blip_2_vision_model", "blip-2"):
         raise ModelFolderError(
             f"'{path.name}' is a '{model_type}' model, not BLIP-2. ThinkDiff-CLIP uses the vision tower of "
             f"Salesforce/blip2-flan-t5-xxl (model_type 'blip-2')."
@@ -161,6 +178,19 @@ def extract_vision_tower(source: str | Path, destination: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .files import same_file
+
+    if same_file(source, destination) or Path(source).resolve() in Path(destination).resolve().parents:
+        raise ModelFolderError(
+            f"extract-vision: the output '{destination}' is the input folder or inside it, where it could replace "
+            f"the source's weights. Write it elsewhere, e.g. models/clip_vision/blip2_vision_tower.safetensors."
+        )
+    if Path(destination).suffix.lower() != ".safetensors":
+        raise ModelFolderError(
+            f"extract-vision: the output '{Path(destination).name}' must end in .safetensors (the format written)."
+        )
+    if Path(destination).is_dir():
+        raise ModelFolderError(f"extract-vision: the output '{destination}' is a folder; give a file name inside it.")
     if not (Path(source) / "config.json").is_file():
         raise ModelFolderError(
             f"'{source}' has no config.json: point extract-vision at a local BLIP-2 folder (a download of "
@@ -200,15 +230,31 @@ def _load_vision_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         raise ModelFolderError(
             f"'{path.name}' is not a readable safetensors file ({error}): extract or download it again."
         ) from error
+    from .vlm_loader import describe_keys
+
     if VISION_CONFIG_KEY not in metadata:
         raise ModelFolderError(
             f"'{path.name}' has no vision-tower config in its header: it was not made by "
             f"'python -m thinkdiff_core extract-vision'. Choose a BLIP-2 folder or an extracted file."
         )
-    config = transformers.Blip2VisionConfig(**json.loads(metadata[VISION_CONFIG_KEY]))
-    with torch.device("meta"):  # no random init: every weight comes from the file
-        model = transformers.Blip2VisionModel(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        config = transformers.Blip2VisionConfig(**json.loads(metadata[VISION_CONFIG_KEY]))
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            model = transformers.Blip2VisionModel(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a size mismatch
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ModelFolderError(
+            f"'{path.name}' does not hold the vision tower its header describes ({type(error).__name__}: {first}). "
+            f"Extract it again with 'python -m thinkdiff_core extract-vision'."
+        ) from error
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"'{path.name}' does not hold the vision tower its header describes: "
+            f"{f'missing {describe_keys(missing)}' if missing else ''}"
+            f"{'; ' if missing and unexpected else ''}{f'unexpected {describe_keys(unexpected)}' if unexpected else ''}. "
+            f"Extract it again with 'python -m thinkdiff_core extract-vision'."
+        )
     model.thinkdiff_source = metadata.get("thinkdiff.source_model", path.stem)
     return model.to(dtype)
 
@@ -217,6 +263,8 @@ def _stored_dtype(path: Path) -> str:
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        return "BF16"  # the loader names the missing weights
     with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
         key = next(iter(handle.keys()))
         return str(handle.get_slice(key).get_dtype())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError
 from .fast_decode import FastDecodeOptions, FastDecoder
@@ -96,7 +97,16 @@ def load_vlm(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     transformers = import_transformers()
     quantized = quantization_kwargs(transformers, quantization, dtype, torch.device(device))
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ModelFolderError(
+            f"'{path}/config.json' is not a config transformers can read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}). Download the folder again, or update "
+            f"transformers if the model is newer than it."
+        ) from error
     vlm_class = model_class(transformers, config.model_type)
     backends = (
         ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :]
@@ -106,25 +116,46 @@ def load_vlm(
     last_error: Exception | None = None
     for backend in dict.fromkeys(backends):
         try:
-            model = vlm_class.from_pretrained(
+            model, loading_info = vlm_class.from_pretrained(
                 path,
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 attn_implementation=backend,
+                output_loading_info=True,
                 **dtype_kwargs(dtype),
                 **quantized,
             )
             break
         except (ImportError, ValueError) as error:
+            if "Unrecognized configuration class" in str(error):
+                raise ModelFolderError(
+                    f"'{path}' holds a '{config.model_type}' model, not a vision-language model transformers can "
+                    f"generate with. ThinkDiff-LVLM needs Qwen2-VL (e.g. Qwen2-VL-7B-Instruct): choose that folder."
+                ) from error
+            if "state dictionary of the model you are trying to load is corrupted" in str(error):
+                # transformers 4.x: no tensor name fits the architecture (5.x reports them as missing instead)
+                raise _foreign_weights(path, f"a {config.model_type} model") from error
             if not _is_attention_error(error):
-                raise
+                raise _unreadable_weights(path, error) from error
             logger.warning("attention backend %s is not available (%s); trying the next one", backend, error)
             last_error = error
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, OSError, SafetensorError) as error:  # a size mismatch, a truncated or unreadable file
+            raise _unreadable_weights(path, error) from error
     else:
         raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
-    processor = transformers.AutoProcessor.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    check_loading_info(loading_info, path, f"a {config.model_type} model")
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ModelFolderError(
+            f"the processor files in '{path}' could not be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}): tokenizer or preprocessor files are missing "
+            f"or damaged. Download the whole repository again."
+        ) from error
     if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
         model.to(device)
     model.eval().requires_grad_(False)
@@ -181,12 +212,104 @@ def check_model_folder(path: str | Path) -> Path:
         raise ModelFolderError(
             f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too."
         )
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+            raise ModelFolderError(
+                f"'{path}/{index.name}' is not a readable weight index ({error}). Download that file again."
+            ) from error
+        absent = [name for name in shards if not (path / name).is_file()]
+        if absent:
+            raise ModelFolderError(
+                f"'{path}' lacks {len(absent)} of the {len(shards)} weight files its index lists ({absent[:3]}). "
+                f"The download is incomplete: fetch the missing files."
+            )
     return path
+
+
+# Groups of state-dict keys, by what they are, for messages: the first match names the part.
+_KEY_PARTS = (("visual", "the vision tower"), ("vision", "the vision tower"), ("lm_head", "the output layer"))
+
+
+def describe_keys(keys: list[str]) -> str:
+    """A few keys of a long list, grouped by their first two components: 'model.visual.* (31 tensors)'."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        head = ".".join(key.split(".")[:2])
+        groups[head] = groups.get(head, 0) + 1
+    parts = [f"{head}.* ({count} tensor{'s' if count > 1 else ''})" for head, count in list(groups.items())[:4]]
+    return ", ".join(parts) + (" ..." if len(groups) > 4 else "")
+
+
+def check_loading_info(info: dict, path: Path, what: str) -> None:
+    """Refuse a model whose weights do not fit its architecture. transformers leaves missing tensors randomly
+    initialised and only prints a report, so a folder holding another model's weights (or missing the vision
+    tower's) would load as a silently random model. Unexpected tensors alone (extra heads) are only logged."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [
+        item[0] if isinstance(item, (tuple, list)) else str(item) for item in info.get("mismatched_keys") or []
+    ]
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing or mismatched:
+        keys = missing or mismatched
+        part = next((name for word, name in _KEY_PARTS if all(word in key for key in keys)), "")
+        problem = "lack" if missing else "have the wrong shape for"
+        other = f"; they hold other tensors instead ({describe_keys(unexpected)})" if unexpected else ""
+        raise ModelFolderError(
+            f"the weights in '{path}' {problem} {len(keys)} tensor(s) of {what}{f' ({part})' if part else ''}: "
+            f"{describe_keys(keys)}{other}. The folder is incomplete or holds another model's weights: download the "
+            f"whole repository again (every *.safetensors file) into that folder."
+        )
+    if unexpected:
+        logger.warning(
+            "'%s': ignoring %d tensor(s) the model does not use: %s", path, len(unexpected), describe_keys(unexpected)
+        )
+
+
+def _foreign_weights(path: Path, what: str) -> ModelFolderError:
+    """The folder's weight files hold none of the architecture's tensors: name what they hold instead."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys.extend(handle.keys())
+        except (OSError, SafetensorError):
+            continue
+    held = f": they hold other tensors instead ({describe_keys(sorted(keys))})" if keys else ""
+    return ModelFolderError(
+        f"the weights in '{path}' lack every tensor of {what}{held}. The folder holds another model's weights: "
+        f"download the whole repository again (every *.safetensors file) into that folder."
+    )
+
+
+def _unreadable_weights(path: Path, error: Exception) -> ModelFolderError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelFolderError(
+        f"the weights in '{path}' could not be loaded ({type(error).__name__}: {first[:200]}): a weight file is "
+        f"truncated, corrupt, or of another model (shapes that do not fit its config.json). Download the whole "
+        f"repository again."
+    )
+
+
+def read_config_json(path: Path) -> dict:
+    """A model folder's config.json as a dict; a damaged one is named (also for the BLIP-2 loader)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(
+            f"'{path}/config.json' is not valid JSON ({error}): it is truncated or damaged. Download it again."
+        ) from error
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"'{path}/config.json' holds no JSON object: it is damaged. Download it again.")
+    return config
 
 
 def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
     """A folder whose config maps classes to its own .py files would run that code: only with explicit consent."""
-    config = json.loads((path / "config.json").read_text())
+    config = read_config_json(path)
     if config.get("auto_map") and not trust_remote_code:
         raise ModelFolderError(
             f"'{path.name}' ships its own Python code (auto_map in config.json: {sorted(config['auto_map'])}); it was "

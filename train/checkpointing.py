@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
-from thinkdiff_core.errors import ThinkDiffError
+from thinkdiff_core.errors import ChangedSettingsError, ThinkDiffError, library_error_message
+from thinkdiff_core.files import apply_umask, is_temp_name, write_text_atomic
 from thinkdiff_train.tasks import batch_counts
 
 logger = logging.getLogger("thinkdiff.train.checkpointing")
@@ -59,14 +62,41 @@ class RunFolder:
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 
 
+def read_progress(folder: Path) -> dict | None:
+    """A checkpoint's progress.json, or None when it is missing or unreadable (the folder is then not complete)."""
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and isinstance(progress.get("step"), int) else None
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, folder), oldest first; the step is read from progress.json, not the name."""
     found = []
     for folder in sorted(checkpoint_dir.glob("checkpoint-*")) if checkpoint_dir.is_dir() else []:
-        progress = folder / "progress.json"
-        if progress.is_file():
-            found.append((json.loads(progress.read_text())["step"], folder))
+        progress = read_progress(folder)
+        if progress is not None:
+            found.append((progress["step"], folder))
     return sorted(found)
+
+
+def remove_leftovers(run: RunFolder) -> list[str]:
+    """What a killed run leaves behind, removed with a message: temp checkpoint folders (.tmp-checkpoint-N, a kill
+    while saving), checkpoint folders without a readable progress.json (a kill while an old one was pruned, which
+    deletes progress.json first) and write_atomic's temp files. None of them holds anything a resume can use."""
+    leftovers = [*run.checkpoints.glob(".tmp-checkpoint-*")] if run.checkpoints.is_dir() else []
+    if run.checkpoints.is_dir():
+        leftovers += [folder for folder in run.checkpoints.glob("checkpoint-*") if read_progress(folder) is None]
+    if run.root.is_dir():
+        leftovers += [path for path in run.root.iterdir() if path.is_file() and is_temp_name(path.name)]
+    for path in sorted(leftovers):
+        logger.warning("removing %s, left incomplete by an interrupted run (nothing in it can be resumed)", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [path.name for path in sorted(leftovers)]
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: dict, keep: int) -> None:
@@ -86,10 +116,11 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: di
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (temporary / "progress.json").write_text(json.dumps(progress, indent=1))
+            write_text_atomic(temporary / "progress.json", json.dumps(progress, indent=1))
+            apply_umask(temporary)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
         previous = list_checkpoints(checkpoint_dir)
         kept = (
@@ -113,52 +144,139 @@ def describe_folder(folder: Path) -> str:
     return f"{folder} holds {entries}" if entries else f"{folder} does not exist or is empty"
 
 
-def checkpoint_to_resume(run: RunFolder, resume: bool) -> tuple[int, Path] | None:
-    """(step, folder) of the last complete checkpoint when resuming, None for a new run. Checked before any model is
-    loaded, so a wrong folder fails in a second, not after minutes of loading."""
+def checkpoint_to_resume(run: RunFolder, resume: bool, is_main_process: bool = True) -> list[tuple[int, Path]] | None:
+    """The complete checkpoints, newest first, when resuming (begin_run loads the first that reads back), None for a
+    new run. Checked before any model is loaded, so a wrong folder fails in a second, not after minutes of loading.
+    Leftovers of a killed run are removed first (remove_leftovers), with a message."""
+    removed = remove_leftovers(run) if is_main_process else []
     checkpoints = list_checkpoints(run.checkpoints)
     if resume and not checkpoints:
         raise ResumeError(
-            f"--resume: no complete checkpoint (a checkpoint-N folder with progress.json) in {run.checkpoints}; {describe_folder(run.checkpoints)}. Run without --resume to start a new run."
+            f"--resume: no complete checkpoint (a checkpoint-N folder with progress.json) in {run.checkpoints}; {describe_folder(run.checkpoints)}{f' (removed as incomplete: {removed})' if removed else ''}. Run without --resume to start a new run."
         )
     if checkpoints and not resume:
         raise ResumeError(
             f"{run.root} already has checkpoints up to step {checkpoints[-1][0]}: pass --resume to continue that run, or choose another --output-dir."
         )
-    return checkpoints[-1] if resume else None
+    return checkpoints[::-1] if resume else None
 
 
 def begin_run(
-    accelerator: Accelerator, run: RunFolder, checkpoint: tuple[int, Path] | None, num_train_samples: int, order: dict
+    accelerator: Accelerator,
+    run: RunFolder,
+    checkpoints: list[tuple[int, Path]] | None,
+    num_train_samples: int,
+    settings: dict,
+    allow_changed_settings: bool = False,
 ) -> tuple[int, int]:
     """(first step to train, unreadable images skipped so far). A new run starts an empty metrics file; a resumed one
-    loads the checkpoint's weights, optimizer and RNG states (accelerate) and drops the metrics lines the killed run
-    logged after it. Other data is an error; another data order (`order`, sampler.data_order) only a warning, since
-    it changes the batches from here on but not what was learned."""
-    if checkpoint is None:
+    loads the newest checkpoint that reads back (a damaged one is named and the previous one used), with its
+    weights, optimizer and RNG states (accelerate), repairs a torn last metrics line and drops the lines the killed
+    run logged after it. Other data is an error; other settings that change the result (`settings`, see
+    run_settings) too, unless allow_changed_settings, which only warns."""
+    if checkpoints is None:
         if accelerator.is_main_process:
             run.root.mkdir(parents=True, exist_ok=True)
-            run.metrics.write_text("")
+            write_text_atomic(run.metrics, "")
         return 0, 0
-    step, folder = checkpoint
-    accelerator.load_state(str(folder))
-    progress = json.loads((folder / "progress.json").read_text())
+    errors = []
+    for step, folder in checkpoints:
+        progress = read_progress(folder)
+        try:
+            if progress is None:
+                raise ValueError("progress.json is unreadable")
+            accelerator.load_state(str(folder))
+            break
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            EOFError,
+            KeyError,
+            SafetensorError,
+            pickle.UnpicklingError,
+        ) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            logger.warning(
+                "checkpoint %s cannot be read back (%s: %s); trying the previous one",
+                folder.name,
+                type(error).__name__,
+                str(error).splitlines()[0][:200] if str(error) else "",
+            )
+            errors.append(f"{folder.name}: {type(error).__name__}")
+    else:
+        raise ResumeError(
+            f"--resume: none of the checkpoints in {run.checkpoints} reads back ({'; '.join(errors)}). They are "
+            f"damaged (a failing disk?): start a new run in another --output-dir."
+        )
     if progress["num_train_samples"] != num_train_samples:
         raise ResumeError(
             f"the checkpoint was trained on {progress['num_train_samples']} samples, the data now has {num_train_samples}: resume needs the same data (and features_dir)."
         )
-    if progress.get("data_order", order) != order:
-        logger.warning(
-            "the checkpoint's data order %s differs from this run's %s: the batches from step %d on are not those "
-            "the interrupted run would have seen. Set the keys back to resume the same curve.",
-            progress["data_order"],
-            order,
-            step,
-        )
+    check_same_settings(progress, settings, step, allow_changed_settings)
     if accelerator.is_main_process:
         keep_metrics_up_to(run.metrics, step)
     logger.info("resumed from %s at step %d", folder, step)
     return step, progress["skipped_images"]
+
+
+# Config keys whose change alters what a continued run computes (the weights, the batches or the loss); max_steps,
+# the paths (folders may move) and the bookkeeping keys may change freely. The batch is compared as the global batch
+# (in the data order): how it is split into processes, micro-batches and accumulation does not change the result.
+RESULT_KEYS = (
+    "variant",
+    "seed",
+    "frozen_dtype",
+    "val_samples",
+    "split",
+    "feature_source",
+    "norm_init",
+    "max_prefix_tokens",
+    "max_target_tokens",
+    "max_input_tokens",
+    "caption_max_words",
+    "clip_text_tokens",
+    "vision_downsample_factor",
+    "learning_rate",
+    "min_learning_rate",
+    "warmup_start_learning_rate",
+    "warmup_steps",
+    "lr_decay_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "mixed_precision",
+)
+
+
+def run_settings(config, order: dict) -> dict:
+    """What progress.json records to check a resume against: the RESULT_KEYS and the data order (sampler.data_order,
+    which includes the global batch, so another process count is noticed too)."""
+    return {"config": {key: getattr(config, key) for key in RESULT_KEYS}, "data_order": order}
+
+
+def check_same_settings(progress: dict, settings: dict, step: int, allow: bool) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming every differing key (old -> new): the
+    curve would silently diverge from the interrupted run's. allow: the user asked for it; warn instead."""
+    saved = {**progress.get("settings", {}).get("config", {}), **progress.get("data_order", {})}
+    now = {**settings["config"], **settings["data_order"]}
+    differing = {key: (saved[key], now[key]) for key in sorted(saved) if key in now and saved[key] != now[key]}
+    if not differing:
+        return
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differing.items())
+    if not allow:
+        raise ChangedSettingsError(
+            f"--resume: the checkpoint at step {step} was trained with other settings ({listed}); continuing would "
+            f"not give the interrupted run's result. Set them back, or pass --allow-changed-settings to continue with "
+            f"the new ones on purpose."
+        )
+    logger.warning(
+        "resuming at step %d with changed settings (%s), as --allow-changed-settings asks: the curve from here on "
+        "is not the interrupted run's",
+        step,
+        listed,
+    )
 
 
 # --- metrics --------------------------------------------------------------------------------------------------------
@@ -219,20 +337,45 @@ class StepMeter:
 
 
 def write_metrics(accelerator: Accelerator, run: RunFolder, row: dict) -> None:
-    """One logged row to the trackers (TensorBoard) and, from the main process, to metrics.jsonl."""
+    """One logged row to the trackers (TensorBoard) and, from the main process, to metrics.jsonl. A failed append
+    (disk full) may leave a torn last line: the error says so, and --resume repairs it (keep_metrics_up_to)."""
     accelerator.log(row, step=row["step"])
     if accelerator.is_main_process:
-        with run.metrics.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with run.metrics.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as error:
+            raise CheckpointSaveError(
+                f"could not append step {row['step']} to {run.metrics} ({library_error_message(error)}) Earlier "
+                f"checkpoints are intact; after fixing it, rerun with --resume (a torn last line is repaired)."
+            ) from error
+
+
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not a whole JSON row (torn by a full disk or a kill mid-write) is
+    skipped with a warning naming its line number."""
+    rows = []
+    text = metrics_path.read_text(encoding="utf-8", errors="replace") if metrics_path.is_file() else ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            logger.warning("%s line %d is not a complete metrics row (a torn write); dropping it", metrics_path, number)
+            continue
+        rows.append(row)
+    return rows
 
 
 def keep_metrics_up_to(metrics_path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (a killed run may have logged further): no duplicates."""
+    """On resume, drop lines logged after the checkpoint (a killed run may have logged further: no duplicates) and
+    torn lines; the file is replaced atomically, so a kill here loses nothing."""
     if metrics_path.is_file():
-        lines = [
-            line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-        ]
-        metrics_path.write_text("".join(line + "\n" for line in lines))
+        rows = [row for row in read_metrics(metrics_path) if row["step"] <= step]
+        write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plot_loss_curve(metrics_path: Path, image_path: Path, title: str) -> None:
@@ -243,7 +386,7 @@ def plot_loss_curve(metrics_path: Path, image_path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
     axes.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     val = [r for r in rows if "val_loss" in r]

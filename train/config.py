@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,46 @@ RENAMED_KEYS = {"features": "feature_source"}  # "features" read as a tensor nex
 
 class ConfigError(ThinkDiffError):
     """A config file or override is missing, malformed or names an unknown key."""
+
+
+def _at_least(minimum):
+    return lambda value: value >= minimum
+
+
+# Ranges every Config is checked against on construction: key -> (accepts the value, the rule, how to fix it). A bad
+# value must fail before any model loads (a negative learning rate trains, silently, the wrong way).
+VALUE_RULES = {
+    "learning_rate": (lambda v: v > 0, "must be > 0", "the recipe uses 1e-4."),
+    "max_steps": (_at_least(1), "must be at least 1", "a run trains for at least one step (the recipe: 25000)."),
+    "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)", "AdamW's beta1; the recipe uses 0.9."),
+    "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)", "AdamW's beta2; the recipe uses 0.999."),
+    "weight_decay": (lambda v: v < 1, "must be in [0, 1)", "the recipe uses 0.05."),
+    "temperature": (lambda v: v > 0, "must be > 0", "the recipe samples with 0.6."),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]", "the recipe samples with 0.9."),
+    "max_image_pixels": (_at_least(28 * 28), "must be at least 784 (28 x 28)", "the default is 1003520."),
+    "clip_text_tokens": (_at_least(2), "must be at least 2 (a token and </s>)", "the recipe uses 32."),
+    **{
+        key: (_at_least(1), "must be at least 1", "set a positive whole number (see train/config.py).")
+        for key in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_prefix_tokens",
+            "max_target_tokens",
+            "max_input_tokens",
+            "samples_per_shard",
+            "extract_batch_size",
+            "max_new_tokens",
+            "caption_max_words",
+            "vision_downsample_factor",
+            "bucket_window",
+            "pad_to_multiple",
+            "lr_decay_steps",
+            "log_every",
+            "val_batches",
+            "checkpoint_every",
+        )
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +111,7 @@ class Config:
     norm_init: str = "t5"  # ablation "ones": the aligner norm keeps its default all-ones init (paper Fig. 7)
     max_prefix_tokens: int = 128  # s is drawn from 1..min(L-1, 128)
     max_target_tokens: int = 128  # T5 target tokens, </s> included
-    max_input_tokens: int = 1024  # input-token ablation: keep at most the last this many prompt states
+    max_input_tokens: int = 1024  # input-token ablation: keep the FIRST this many prompt states (official collater)
     caption_max_words: int = 50  # clip: caption cleaning
     clip_text_tokens: int = 32  # clip: cap on each caption part, </s> included
     vision_downsample_factor: int = 2  # clip: 16x16 patches -> 8x8, 65 tokens per image (recipe section 7)
@@ -102,10 +143,10 @@ class Config:
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     log_every: int = 10
-    eval_every: int = 1000
+    eval_every: int = 1000  # 0: no validation at all
     val_batches: int = 20
     checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest this many are kept; 0 keeps every checkpoint
     num_workers: int = 4
     report_to: str = "tensorboard"  # an accelerate tracker name, or "none"
 
@@ -121,21 +162,21 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
+        for key, (accept, rule, fix) in VALUE_RULES.items():
+            if not accept(getattr(self, key)):
+                raise ConfigError(f"{key} {rule}, got {getattr(self, key)!r}: {fix}")
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise ConfigError(f"{item.name} must not be negative, got {value}")
-        for key in (
-            "batch_size",
-            "gradient_accumulation_steps",
-            "max_prefix_tokens",
-            "max_target_tokens",
-            "samples_per_shard",
-            "bucket_window",
-            "pad_to_multiple",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{item.name} must be a finite number, got {value}; set a real value (see train/config.py)."
+                )
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"{item.name} must not be negative, got {value}; set it to 0 or more.")
+        if not self.val_data and self.val_samples < 1:
+            raise ConfigError(
+                "val_samples must be at least 1 when val_data is empty (the held-out set): set val_samples or val_data."
+            )
         if self.variant == "clip" and self.feature_source != "generated":
             raise ConfigError(
                 "feature_source='input' is an ablation of the lvlm variant; the clip variant has no VLM features"
@@ -148,9 +189,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) 
     if path is not None:
         path = config_path(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"'{path}' is not valid YAML: {error}") from error
+            raise ConfigError(f"'{path}' is not valid YAML: {' '.join(str(error).split())}. Fix its syntax.") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(
+                f"config file '{path}' could not be read ({error}); give a readable YAML file."
+            ) from error
         if not isinstance(loaded, dict):
             raise ConfigError(f"'{path}' must hold a mapping of config keys, got a {type(loaded).__name__}")
         values.update(_renamed(loaded, str(path)))
@@ -158,7 +203,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **explicit) 
         key, sep, text = override.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {override!r} (e.g. --set batch_size=8)")
-        values.update(_renamed({key.strip(): yaml.safe_load(text) if text.strip() else ""}, "--set"))
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"--set {override!r}: the value is not valid YAML ({' '.join(str(error).split())}); quote it."
+            ) from error
+        values.update(_renamed({key.strip(): value}, "--set"))
     values.update({key: value for key, value in explicit.items() if value is not None})
     return Config(**_coerce(values))
 
@@ -169,6 +220,8 @@ def config_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config '{path}' is a folder and could not be read as YAML; give the .yaml file inside it.")
     shipped = Path(__file__).resolve().parent / "configs"
     if path.parent == Path(".") and (shipped / path.name).is_file():
         return shipped / path.name
@@ -220,7 +273,8 @@ def _coerce(values: dict) -> dict:
             elif kind is str:
                 value = "" if value is None else str(value)
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"{key}: cannot use {value!r} ({error})") from error
+            wanted = "a list of paths" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", str(kind))
+            raise ConfigError(f"{key}: cannot use {value!r} ({error}); give {wanted} (see train/config.py).") from error
         out[key] = value
     return out
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from thinkdiff_core.errors import FeatureError, ThinkDiffError
+from thinkdiff_core.errors import FeatureError, NonFiniteError, ThinkDiffError
 from thinkdiff_core.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -209,10 +209,20 @@ def shard_stem(shard: int) -> str:
     return f"shard-{shard:06d}"
 
 
+def read_shard_info(sidecar: Path) -> dict | None:
+    """A shard's JSON, or None when it is unreadable (torn or damaged: the shard then counts as not finished)."""
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def shard_is_complete(directory: Path, shard: int) -> bool:
-    """Finished shards have their JSON (written last) and their tensors."""
+    """Finished shards have their JSON (written last, readable and marked complete) and their tensors."""
     stem = shard_stem(shard)
-    return (directory / f"{stem}.json").is_file() and (directory / f"{stem}.safetensors").is_file()
+    info = read_shard_info(directory / f"{stem}.json")
+    return bool(info and info.get("complete")) and (directory / f"{stem}.safetensors").is_file()
 
 
 def write_feature_shard(directory: Path, shard: int, records: list[dict], info: dict) -> None:
@@ -252,18 +262,43 @@ class FeatureShards:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise DataError(
+                f"features_dir '{self.directory}' is a file, not a folder: set features_dir to the folder "
+                f"extract_features.py wrote."
+            )
         if not self.directory.is_dir():
             raise DataError(
                 f"features folder '{self.directory}' does not exist. Run train/extract_features.py with the same "
                 f"config first (it writes features_dir)."
             )
         self.shards: list[tuple[Path, dict]] = []
+        unfinished, first_seen = [], {}
         for sidecar in sorted(self.directory.glob("shard-*.json")):
-            info = json.loads(sidecar.read_text())
-            if info.get("format") != FEATURE_FORMAT or not info.get("complete"):
+            info = read_shard_info(sidecar)
+            if info is None or info.get("format") != FEATURE_FORMAT or not info.get("complete"):
+                unfinished.append(sidecar.name)
                 continue
+            if not sidecar.with_suffix(".safetensors").is_file():
+                unfinished.append(sidecar.name)
+                continue
+            for record in info.get("samples", []):  # each source sample in one shard only
+                if "index" in record and first_seen.setdefault(record["index"], sidecar.name) != sidecar.name:
+                    raise DataError(
+                        f"'{self.directory}': source sample {record['index']} is in both {first_seen[record['index']]} "
+                        f"and {sidecar.name}, so training would see it twice (shards written with different "
+                        f"samples_per_shard). Extract into a new features_dir."
+                    )
             if info["num_samples"]:
                 self.shards.append((sidecar.with_suffix(".safetensors"), info))
+        if unfinished:
+            logger.warning(
+                "%s: %d shard(s) are unfinished or unreadable and are not used (%s); rerun extract_features.py to "
+                "redo them",
+                self.directory,
+                len(unfinished),
+                ", ".join(unfinished[:5]),
+            )
         self.index = [
             (number, row) for number, (_, info) in enumerate(self.shards) for row in range(info["num_samples"])
         ]
@@ -298,9 +333,20 @@ class FeatureShards:
         }
         if sample["features"].shape[0] == 0:
             raise FeatureError(f"{self.shards[number][0].name} row {row} has no features; re-extract that shard.")
+        if not torch.isfinite(sample["features"]).all():  # checked here, where they enter: never trained on
+            raise NonFiniteError(
+                f"{self.shards[number][0].name} row {row} holds NaN/inf features (the VLM overflowed, e.g. in "
+                f"float16); delete that shard's .json and .safetensors and rerun extract_features.py with "
+                f"frozen_dtype bfloat16 or float32."
+            )
         if "prompt_features" in handle.keys():
             prompt_start, prompt_end = self._span(number, row, "prompt_offsets")
             sample["prompt_features"] = handle.get_slice("prompt_features")[prompt_start:prompt_end].float()
+            if not torch.isfinite(sample["prompt_features"]).all():
+                raise NonFiniteError(
+                    f"{self.shards[number][0].name} row {row} holds NaN/inf prompt states; delete that shard and "
+                    f"rerun extract_features.py with frozen_dtype bfloat16 or float32."
+                )
         return sample
 
     def token_ids(self, index: int) -> torch.Tensor:
@@ -326,7 +372,13 @@ class FeatureShards:
     def _handle(self, number: int):
         # One open handle per shard and process (DataLoader workers each open their own after the fork).
         if number not in self._handles:
-            self._handles[number] = safe_open(str(self.shards[number][0]), framework="pt", device="cpu")
+            try:
+                self._handles[number] = safe_open(str(self.shards[number][0]), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as error:
+                raise DataError(
+                    f"feature shard {self.shards[number][0]} is unreadable ({error}); it is truncated or damaged: "
+                    f"delete it and its .json and rerun extract_features.py to redo it."
+                ) from error
         return self._handles[number]
 
     def __getstate__(self) -> dict:  # handles do not pickle; workers reopen them

@@ -43,13 +43,14 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from thinkdiff_core.dtypes import torch_dtype
-from thinkdiff_core.errors import ThinkDiffError
+from thinkdiff_core.errors import ChangedSettingsError, report_cli_error
+from thinkdiff_core.files import is_temp_name
 from thinkdiff_core.generation import GenerationSettings
 from thinkdiff_core.prompts import chat_messages, image_part, text_part
 from thinkdiff_core.vlm import encode_with_vlm
 from thinkdiff_core.vlm_loader import ENGINES, load_vlm
 from thinkdiff_train.config import Config, ConfigError, load_config
-from thinkdiff_train.data import list_samples, load_image, shard_is_complete, write_feature_shard
+from thinkdiff_train.data import list_samples, load_image, read_shard_info, shard_is_complete, write_feature_shard
 
 logger = logging.getLogger("thinkdiff.extract")
 
@@ -86,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--engine", choices=ENGINES, default="auto", help="decode engine (auto: the fast engine on a GPU, see above)"
+    )
+    parser.add_argument(
+        "--allow-changed-settings",
+        action="store_true",
+        help="continue a features folder although sampling settings differ (never samples_per_shard)",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -170,9 +176,71 @@ def extract_shard(vlm, samples, shard: int, config: Config) -> tuple[list[dict],
     return records, skipped
 
 
-def extract(config: Config, max_shards: int | None = None, engine: str = "auto") -> Path:
+# Settings a features folder records in every shard's JSON and a continued extraction must share: another value
+# would mix samples drawn differently (or, for samples_per_shard, put samples in two shards).
+EXTRACTION_KEYS = (
+    "samples_per_shard",
+    "seed",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "feature_dtype",
+    "keep_prompt_states",
+    "max_image_pixels",
+    "frozen_dtype",
+)
+
+
+def extraction_settings(config: Config) -> dict:
+    return {key: getattr(config, key) for key in EXTRACTION_KEYS}
+
+
+def check_same_extraction(features_dir: Path, config: Config, allow: bool) -> None:
+    """Refuse to continue a features folder whose finished shards were made with other settings, naming the keys.
+    samples_per_shard is refused even with `allow`: shard k holds samples [k * n, (k + 1) * n), so another n would
+    write some samples a second time. Leftover temp files of a killed run are removed, with a message."""
+    if not features_dir.is_dir():
+        return
+    for leftover in sorted(path for path in features_dir.iterdir() if is_temp_name(path.name)):
+        logger.warning("removing %s, left by an interrupted extraction", leftover)
+        leftover.unlink(missing_ok=True)
+    wanted = extraction_settings(config)
+    for sidecar in sorted(features_dir.glob("shard-*.json")):
+        info = read_shard_info(sidecar)
+        if not info or not info.get("complete"):
+            continue
+        saved = dict(info.get("settings", {}))
+        if "first_index" in info and info.get("shard"):  # shards written before settings were recorded
+            saved.setdefault("samples_per_shard", info["first_index"] // info["shard"])
+        for key in ("seed", "max_new_tokens", "temperature", "top_p"):
+            if key in info:
+                saved.setdefault(key, info[key])
+        differing = {key: (saved[key], wanted[key]) for key in wanted if key in saved and saved[key] != wanted[key]}
+        if not differing:
+            continue
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differing.items())
+        if "samples_per_shard" in differing:
+            raise ChangedSettingsError(
+                f"'{features_dir}' holds shards made with other settings ({listed}, in {sidecar.name}); another "
+                f"samples_per_shard would put samples in two shards. Set samples_per_shard back to "
+                f"{saved['samples_per_shard']}, or extract into a new features_dir."
+            )
+        if not allow:
+            raise ChangedSettingsError(
+                f"'{features_dir}' holds shards made with other settings ({listed}, in {sidecar.name}); the rest "
+                f"would be drawn differently. Set them back, use a new features_dir, or pass "
+                f"--allow-changed-settings to mix them on purpose."
+            )
+        logger.warning("continuing %s with changed settings (%s), as asked", features_dir, listed)
+        return
+
+
+def extract(
+    config: Config, max_shards: int | None = None, engine: str = "auto", allow_changed_settings: bool = False
+) -> Path:
     """Write the feature shards of `config` that are not finished yet (this process's share of them); return
-    features_dir. max_shards: stop after this many shards in total, for trials."""
+    features_dir. max_shards: stop after this many shards in total, for trials. A features folder begun with other
+    sampling settings is refused (check_same_extraction) unless allow_changed_settings."""
     if not config.features_dir:
         raise ConfigError("features_dir is empty: set it in the config or pass --features-dir DIR.")
     if not config.vlm_path:
@@ -182,6 +250,8 @@ def extract(config: Config, max_shards: int | None = None, engine: str = "auto")
         level=logging.INFO if state.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     features_dir = Path(config.features_dir)
+    if state.is_main_process:
+        check_same_extraction(features_dir, config, allow_changed_settings)
 
     samples = list_samples(config.train_data)
     num_shards = -(-len(samples) // config.samples_per_shard)
@@ -212,6 +282,7 @@ def extract(config: Config, max_shards: int | None = None, engine: str = "auto")
         "temperature": config.temperature,
         "top_p": config.top_p,
         "seed": config.seed,
+        "settings": extraction_settings(config),
     }
     total_skipped = 0
     for shard in tqdm(mine, desc=f"shards (process {state.process_index})", disable=not state.is_local_main_process):
@@ -236,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     prints one line saying what to do, and gives 2."""
     args = parse_args(argv)
     try:
-        extract(load_config(args.config, args.overrides, features_dir=args.features_dir), args.max_shards, args.engine)
-    except ThinkDiffError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        config = load_config(args.config, args.overrides, features_dir=args.features_dir)
+        extract(config, args.max_shards, args.engine, args.allow_changed_settings)
+    except Exception as error:  # a ThinkDiffError names its fix; a library's error is translated, no traceback
+        return report_cli_error(error)
     return 0
 
 

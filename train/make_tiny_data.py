@@ -32,7 +32,7 @@ import tarfile
 from pathlib import Path
 
 from thinkdiff_core import standin
-from thinkdiff_core.errors import ThinkDiffError
+from thinkdiff_core.errors import report_cli_error
 
 logger = logging.getLogger("thinkdiff.tiny")
 
@@ -45,7 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=2, help="number of training tar shards")
     parser.add_argument("--corrupt", type=int, default=1, help="corrupt images to put in the first shard")
     parser.add_argument("--skip-models", action="store_true", help="only write the data")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value, minimum in (
+        ("--train-images", args.train_images, 2),
+        ("--val-images", args.val_images, 1),
+        ("--shards", args.shards, 1),
+        ("--corrupt", args.corrupt, 0),
+    ):
+        if value < minimum:
+            parser.error(f"{flag} must be at least {minimum}, got {value}")
+    if args.shards > args.train_images:
+        parser.error(f"--shards {args.shards} is more than --train-images {args.train_images}; use fewer shards")
+    return args
 
 
 def shape_pictures(count: int, start: int = 0):
@@ -106,14 +117,13 @@ def write_tiny_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: 0 once everything is written; a ThinkDiffError prints one line and gives 2."""
+    """The command line: 0 once everything is written; any error prints one line and gives 2."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         write_tiny_data(args.out, args.train_images, args.val_images, args.shards, args.corrupt, args.skip_models)
-    except ThinkDiffError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # a ThinkDiffError names its fix; a library's error is translated, no traceback
+        return report_cli_error(error)
     return 0
 
 

@@ -9,6 +9,7 @@ layer (same loss as T5's own), masks are passed in the 4D form that needs no hos
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkdiff_core.errors import ModelFolderError
-from thinkdiff_core.hf_compat import dtype_kwargs
+from thinkdiff_core.hf_compat import dtype_kwargs, t5_attention_mask
 from thinkdiff_core.vision import encode_images
 from thinkdiff_train.config import Config
 from thinkdiff_train.tasks import IGNORE_INDEX
@@ -30,8 +31,34 @@ def load_frozen_t5(path: str, dtype: torch.dtype):
         raise ModelFolderError(
             f"t5_path '{path}' is not a model folder with config.json. Set it to a local copy of google/flan-t5-xxl."
         )
-    t5 = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True, **dtype_kwargs(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from safetensors import SafetensorError
+
+    from thinkdiff_core.vlm_loader import check_loading_info
+
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError, OSError) as error:
+        raise ModelFolderError(
+            f"'{path}/config.json' is not a readable JSON config ({error}); download it again."
+        ) from error
+    if model_type != "t5":
+        raise ModelFolderError(
+            f"t5_path '{path}' holds a '{model_type}' model, not T5. Set t5_path to a local copy of google/flan-t5-xxl."
+        )
+    try:
+        t5, info = T5ForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, **dtype_kwargs(dtype)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ModelFolderError(
+            f"t5_path '{path}' could not be loaded as flan-T5 ({type(error).__name__}: {first}): weights or tokenizer "
+            f"files are missing, truncated or of another model. Download google/flan-t5-xxl again into that folder."
+        ) from error
+    check_loading_info(info, Path(path), "a T5 model")
     return t5.eval().requires_grad_(False), tokenizer
 
 
@@ -89,13 +116,6 @@ def compile_frozen_models(frozen: FrozenModels, backend: str = "inductor") -> No
     frozen.target_loss.compile(backend=backend, dynamic=True)
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (B, S) padding mask as the (B, 1, 1, S) additive mask transformers uses as given. From a 2D mask it would
-    first ask the GPU whether there is any padding at all (`mask.all()` in Python), a host synchronisation on every
-    step that leaves the GPU idle while the CPU queues the next one."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
 def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token cross-entropies, number of target tokens) of the frozen T5 decoder for one batch.
 
@@ -111,7 +131,7 @@ def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tens
             # (B, 65, width)
             image_tokens = encode_images(frozen.vision, batch["pixel_values"], frozen.downsample_factor)
             text_states = t5.encoder(
-                input_ids=batch["prompt_ids"], attention_mask=additive_mask(batch["prompt_mask"], t5.dtype)
+                input_ids=batch["prompt_ids"], attention_mask=t5_attention_mask(batch["prompt_mask"], t5.dtype)
             ).last_hidden_state
         aligned_images = aligner(image_tokens.float())
         aligned = torch.cat(
@@ -123,7 +143,7 @@ def token_losses(aligner, frozen: FrozenModels, batch: dict) -> tuple[torch.Tens
     states = t5.decoder(
         input_ids=t5.prepare_decoder_input_ids_from_labels(labels=labels),
         encoder_hidden_states=aligned.to(t5.dtype),
-        encoder_attention_mask=additive_mask(mask, t5.dtype),
+        encoder_attention_mask=t5_attention_mask(mask, t5.dtype),
         use_cache=False,
     ).last_hidden_state  # (B, T, d_model)
     loss_sum = frozen.target_loss(

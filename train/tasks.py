@@ -92,8 +92,9 @@ class LvlmTask(torch.utils.data.Dataset):
         sample = self.shards[self.positions[position]]
         prefix_tokens, target_ids = self.split(sample["token_ids"], epoch, position)
         if config.feature_source == "input":
-            # Ablation (inferred setup): the prompt's own states go in, the whole answer is the target.
-            features = sample["prompt_features"][-config.max_input_tokens :]
+            # Ablation (inferred setup): the prompt's own states go in, the whole answer is the target. The FIRST
+            # max_input_tokens states, as the official collater truncates its inputs (the image tokens come first).
+            features = sample["prompt_features"][: config.max_input_tokens]
         else:
             features = sample["features"][:prefix_tokens]
         text = self.vlm_tokenizer.decode(target_ids.tolist(), skip_special_tokens=True)

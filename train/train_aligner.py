@@ -55,14 +55,16 @@ from tqdm.auto import tqdm
 
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, init_norm_from_t5, save_aligner
 from thinkdiff_core.dtypes import torch_dtype
-from thinkdiff_core.errors import ThinkDiffError
+from thinkdiff_core.errors import NonFiniteError, report_cli_error
 from thinkdiff_core.vision import load_vision_encoder
 from thinkdiff_train.checkpointing import (
     RunFolder,
     StepMeter,
     begin_run,
     checkpoint_to_resume,
+    list_checkpoints,
     plot_loss_curve,
+    run_settings,
     save_checkpoint,
     write_metrics,
 )
@@ -90,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="continue from the last complete checkpoint in the output dir"
     )
     parser.add_argument(
+        "--allow-changed-settings",
+        action="store_true",
+        help="with --resume: continue although settings that change the result (seed, lr, batch, ...) differ",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -97,10 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set batch_size=8",
     )
-    args = parser.parse_args(argv)
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
-    return args
+    return parser.parse_args(argv)  # values are checked by Config, with the config file's: one message for both
 
 
 # --- the model and its optimizer, recipe sections 2 and 9 ----------------------------------------------------------
@@ -180,6 +184,31 @@ def export_aligner(
 # --- training -------------------------------------------------------------------------------------------------------
 
 
+def gradients_are_finite(model: torch.nn.Module) -> torch.Tensor:
+    """Whether every gradient of the step is finite, as a device tensor (the aligner has five parameters: cheap)."""
+    grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    return torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else torch.tensor(True)
+
+
+def last_checkpoint_note(run: RunFolder) -> str:
+    checkpoints = list_checkpoints(run.checkpoints)
+    if not checkpoints:
+        return "there is no checkpoint."
+    return f"the last checkpoint, {checkpoints[-1][1].name} (step {checkpoints[-1][0]}), is from before it."
+
+
+def stop_if_not_finite(accelerator: Accelerator, first_bad_step: torch.Tensor, run: RunFolder) -> None:
+    """At a logged or saved step (a synchronisation point anyway): raise NonFiniteError if any step since the start
+    had a NaN/inf loss or gradient on any process, before its weights can reach a checkpoint or the aligner file."""
+    bad = int(accelerator.reduce(first_bad_step.clone(), "max"))
+    if bad:
+        raise NonFiniteError(
+            f"step {bad}: the loss or the gradients became NaN/inf, so training stopped and nothing was exported; "
+            f"{last_checkpoint_note(run)} Check the features for NaN (re-extract them), lower learning_rate, or use "
+            f"mixed_precision bf16 instead of fp16; then resume (with --allow-changed-settings if you changed keys)."
+        )
+
+
 def training_batches(train_set, config: Config, accelerator: Accelerator, start_step: int, collate_fn) -> Iterator:
     """This process's micro-batches from `start_step` on, in sampler.py's order, collated by the DataLoader's workers
     (pinned on a GPU, so copying them to the device does not wait)."""
@@ -197,14 +226,16 @@ def training_batches(train_set, config: Config, accelerator: Accelerator, start_
     )
 
 
-def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
+def train(config: Config, resume: bool = False, allow_changed_settings: bool = False) -> ThinkDiffAligner:
     """Train the aligner `config` describes; return it (CPU, fp32), as also written to OUTPUT_DIR/aligner.safetensors.
-    resume: continue from the last complete checkpoint in OUTPUT_DIR, with the same batches and loss curve."""
+    resume: continue from the last complete checkpoint in OUTPUT_DIR, with the same batches and loss curve; other
+    settings that change the result are refused unless allow_changed_settings. A NaN/inf loss or gradient stops the
+    run with NonFiniteError: no checkpoint after it, no aligner file."""
     run = RunFolder(Path(config.output_dir))
     report_to = None if config.report_to in ("", "none") else config.report_to
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=report_to, project_dir=str(run.root))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format=LOG_FORMAT)
-    checkpoint = checkpoint_to_resume(run, resume)  # before loading anything: a wrong folder fails at once
+    checkpoint = checkpoint_to_resume(run, resume, accelerator.is_main_process)  # before loading anything
 
     # Frozen models (recipe section 1): flan-T5 in bf16; BLIP-2's vision tower for the CLIP variant.
     frozen_dtype = torch_dtype(config.frozen_dtype)
@@ -219,7 +250,10 @@ def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
     # Data: the order depends only on the seed and the step, so resuming needs nothing but the checkpoint's step.
     global_batch = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     order = data_order(config, global_batch)
-    start_step, skipped_images = begin_run(accelerator, run, checkpoint, len(train_set), order)
+    settings = run_settings(config, order)
+    start_step, skipped_images = begin_run(
+        accelerator, run, checkpoint, len(train_set), settings, allow_changed_settings
+    )
     accelerator.init_trackers("thinkdiff", config=as_flat_dict(config))
     collate_fn = partial(collate, pad_id=t5_tokenizer.pad_token_id, pad_to_multiple=config.pad_to_multiple)
     batches = training_batches(train_set, config, accelerator, start_step, collate_fn)
@@ -232,6 +266,7 @@ def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
     meter = StepMeter(accelerator, global_batch, getattr(train_set, "image_tokens", 0), start_step, skipped_images)
     budget, micro_steps = token_budget(config), config.gradient_accumulation_steps
     bar = tqdm(total=config.max_steps, initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every step finite so far
     model.train()
     with bar:  # closed on any way out, so that an error message is the last line a failed run prints
         for step in range(start_step + 1, config.max_steps + 1):
@@ -250,6 +285,8 @@ def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
                 # logged: the step's token mean with bucketing; without, the mean of micro-batch means (as T5's loss)
                 logged = (loss_sum, count) if config.length_bucketing else (loss, torch.ones_like(count))
                 logged_loss += torch.stack(logged).detach().float()
+            finite = torch.isfinite(logged_loss).all() & gradients_are_finite(model)  # on the device: no sync
+            first_bad_step = torch.where((first_bad_step == 0) & ~finite, step, first_bad_step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
@@ -259,9 +296,15 @@ def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
             save = step % config.checkpoint_every == 0 or step == config.max_steps
             if not (log or evaluate or save):
                 continue  # no host-device synchronisation between logged steps: the CPU queues the next step
+            stop_if_not_finite(accelerator, first_bad_step, run)  # before anything from a NaN step is written
             row = meter.row(step, lr, logged_loss)
             if evaluate:
                 row["val_loss"] = estimate_val_loss(accelerator, model, frozen, val_batches, val_set, collate_fn)
+                if not math.isfinite(row["val_loss"]):
+                    raise NonFiniteError(
+                        f"the validation loss at step {step} is {row['val_loss']}: the held-out features hold "
+                        f"NaN/inf or the aligner diverged. Nothing was exported; {last_checkpoint_note(run)}"
+                    )
             if log or evaluate:
                 row.update(skipped_images=meter.skipped_images, elapsed_s=meter.elapsed_s())
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
@@ -269,6 +312,7 @@ def train(config: Config, resume: bool = False) -> ThinkDiffAligner:
             if save:
                 progress = {"step": step, "samples_seen": step * global_batch, "num_train_samples": len(train_set)}
                 progress.update(skipped_images=meter.skipped_images, variant=config.variant, data_order=order)
+                progress["settings"] = settings
                 save_checkpoint(accelerator, run.checkpoints, progress, config.keep_checkpoints)
             meter.restart(step)
     meter.log_summary()
@@ -284,10 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides, output_dir=args.output_dir, max_steps=args.max_steps)
-        train(config, resume=args.resume)
-    except ThinkDiffError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        train(config, resume=args.resume, allow_changed_settings=args.allow_changed_settings)
+    except Exception as error:  # a ThinkDiffError names its fix; a library's error is translated, no traceback
+        return report_cli_error(error)
     return 0
 
 

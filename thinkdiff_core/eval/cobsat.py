@@ -4,6 +4,7 @@
     python -m thinkdiff_core.eval.cobsat make-mini DATA                       # offline stand-in theme (tasks 1, 2)
     accelerate launch -m thinkdiff_core.eval.cobsat run --data-root DATA --out OUT --vlm ... --aligner ... --flux ... \\
         --tasks 1-10 --shots 2 4 --modes thinkdiff text hybrid
+    ... run ... --base sd3.5-large --flux stabilityai/stable-diffusion-3.5-large --out OUT-sd35   # cross-model
     python -m thinkdiff_core.eval.cobsat judge --out OUT --judge llava --judge-model llava-hf/llava-1.5-13b-hf
     python -m thinkdiff_core.eval.cobsat report --out OUT
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..dtypes import DTYPE_CHOICES, torch_dtype
 from ..errors import PromptError, ThinkDiffError
+from ..flux import BASES, DEFAULT_BASE
 from ..pipeline import RENDER_MODES
 from .benchmark import SHOTS, TASKS, prompts, task_by_id
 
@@ -77,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-root", type=Path, required=True, help="folder holding color_car/red_car.jpg etc. (CoBSAT datasets/)"
     )
     add_model_arguments(run)
+    if "--base" not in run._option_string_actions:  # the shared model arguments may come to define it
+        run.add_argument(
+            "--base",
+            default=DEFAULT_BASE,
+            choices=list(BASES),
+            help="the T5-XXL image model --flux points at (a diffusers folder of that base): cross-model transfer; "
+            "use one --out per base",
+        )
     add_generation_arguments(run, size=512, steps=28)
 
     judge = commands.add_parser("judge", help="score generated images; missing image = wrong row")
@@ -111,7 +121,7 @@ def command_run(args: argparse.Namespace) -> None:
     from .runner import RenderSettings, check_dataset, process_rank, run, work_items
 
     if args.size % 16:
-        raise PromptError(f"--size {args.size} is not a multiple of 16, which FLUX needs.")
+        raise PromptError(f"--size {args.size} is not a multiple of 16, which the image models need.")
     if any(mode != "text" for mode in args.modes) and not args.aligner:
         raise PromptError(
             "modes thinkdiff and hybrid need --aligner (e.g. thinkdiff_lvlm.pth); only --modes text runs without one."
@@ -130,10 +140,20 @@ def command_run(args: argparse.Namespace) -> None:
         dtype=dtype,
         allow_download=args.allow_download,
         cpu_offload=args.cpu_offload,
+        base=args.base,
     )
     render = RenderSettings(size=args.size, steps=args.steps, guidance=args.guidance, seed=args.seed)
     counts = run(
-        factory, items, args.data_root, args.out, settings, render, process_index, num_processes, not args.no_progress
+        factory,
+        items,
+        args.data_root,
+        args.out,
+        settings,
+        render,
+        process_index,
+        num_processes,
+        not args.no_progress,
+        base=args.base,
     )
     print(
         f"process {process_index + 1}/{num_processes}: {counts['generated']} generated, {counts['skipped']} already done, of {counts['share']} in its share ({len(items)} in all)"

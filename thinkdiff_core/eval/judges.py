@@ -9,6 +9,7 @@ all: a row is correct only if both answers are right.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -62,13 +63,20 @@ def questions(task: Task) -> dict[str, str]:
     return prompts
 
 
-def parse_answer(reply: str) -> int:
+def parse_answer(reply: object) -> int:
     """The benchmark's rule: concatenate every digit of the reply; 1..10 is the answer, anything else -1.
 
-    "3." -> 3, "(3)" -> 3, "The answer is 7" -> 7, "10" -> 10, "3 or 4" -> 34 -> -1, "" -> -1.
+    "3." -> 3, "(3)" -> 3, "The answer is 7" -> 7, "10" -> 10, "3 or 4" -> 34 -> -1, "" -> -1. Never raises: the
+    benchmark's own int() of str.isdigit characters fails on digits such as '²' or '①', which here count as the digit
+    they show (unicodedata.digit: '①' -> 1, Arabic-Indic '٣' -> 3); a reply that is not text (None) is -1.
     """
-    digits = "".join(character for character in reply if character.isdigit())
+    if not isinstance(reply, str):
+        return -1
+    digits = "".join(str(unicodedata.digit(character)) for character in reply if character.isdigit())
     if not digits:
+        return -1
+    digits = digits.lstrip("0") or "0"  # as int() reads them; also keeps int() clear of its 4300-digit limit
+    if len(digits) > 2:
         return -1
     number = int(digits)
     return number if 1 <= number <= 10 else -1

@@ -125,6 +125,7 @@ def generate_item(
         "image_inputs": prompt.image_inputs,
         "description": result.text,
         "mode": item.mode,
+        "base": models.base.name,
         "task_id": prompt.task.task_id,
         "shot": prompt.shot,
         "index": prompt.index,
@@ -142,6 +143,21 @@ def generate_item(
     return record
 
 
+def check_same_base(done: Sequence[WorkItem], out_dir: Path, base: str) -> None:
+    """Refuse to resume into an --out whose images another base made (records without a base are flux-dev's)."""
+    for item in done:
+        record_path = item.output_stem(out_dir).with_suffix(".json")
+        try:
+            made_with = json.loads(record_path.read_text()).get("base", "flux-dev")
+        except (OSError, ValueError):
+            continue  # an unreadable record is the runner's resume problem, not a base mismatch
+        if made_with != base:
+            raise PromptError(
+                f"{out_dir} already holds images made with base '{made_with}' ({record_path.name}), not '{base}': "
+                f"use one --out per base."
+            )
+
+
 def run(
     models_factory,
     items: Sequence[WorkItem],
@@ -152,13 +168,17 @@ def run(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    base: str | None = None,
 ) -> dict[str, int]:
     """Generate this process's share of `items`, skipping finished ones. models_factory() loads the models, and is
-    called only if something is left to do. Returns counts: share, skipped, generated."""
+    called only if something is left to do. Returns counts: share, skipped, generated. base: the base model's name;
+    finished items made with another base are refused (one --out per base), not counted as done."""
     from tqdm.auto import tqdm
 
     share = [items[index] for index in split_for_process(len(items), process_index, num_processes)]
     todo = [item for item in share if not item.output_stem(out_dir).with_suffix(".jpg").exists()]
+    if base is not None:
+        check_same_base([item for item in share if item not in todo], out_dir, base)
     counts = {"share": len(share), "skipped": len(share) - len(todo), "generated": 0}
     if not todo:
         return counts
