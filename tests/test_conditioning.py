@@ -1,4 +1,5 @@
-"""FLUX conditioning from aligned tokens: modes, copying, refusals, diffusers form."""
+"""Conditioning from aligned tokens: modes, copying, refusals, diffusers form (FLUX.1; the other T5-XXL families are
+in test_families.py)."""
 
 import pytest
 import torch
@@ -60,7 +61,8 @@ def test_modes_keep_pooled_and_guidance(mode, tokens):
     cond, options = out[0]
     assert cond.shape == (1, tokens, 32)
     assert options["pooled_output"] is b[0][1]["pooled_output"] and options["guidance"] == 2.5
-    assert "attention_mask" not in options
+    # the base's token mask is extended to the new token count (ones for the aligned tokens), not dropped
+    assert torch.equal(options["attention_mask"], torch.ones(1, tokens))
     if mode == "append":
         assert torch.equal(cond[:, :7], b[0][0]) and torch.equal(cond[:, 7:], aligned)
     if mode == "prepend":
@@ -86,9 +88,10 @@ def test_every_base_entry_gets_the_tokens():
     assert [entry[0].shape[1] for entry in out] == [12, 8]
 
 
-def test_wrong_width_for_append_names_the_fix():
-    with pytest.raises(AlignerMismatchError, match="T5-XXL, 4096 wide"):
-        build_flux_conditioning(torch.randn(1, 5, 32), base=base(width=768), mode="append")
+@pytest.mark.parametrize("mode", ["replace", "append"])
+def test_wrong_width_names_the_models_that_work(mode):
+    with pytest.raises(AlignerMismatchError, match="768 wide, likely from SD1.5.*FLUX.1 .*SD3/SD3.5.*Chroma"):
+        build_flux_conditioning(torch.randn(1, 5, 32), base=base(width=768), mode=mode)
 
 
 def test_aligner_width_mismatch_names_both_widths():
@@ -105,8 +108,23 @@ def test_clip_aligner_on_vlm_features_is_refused():
 def test_non_finite_features_never_reach_flux(bad):
     f = features()
     f.hidden_states[0, 2, 3] = bad
-    with pytest.raises(FeatureError, match="NaN/inf"):
+    with pytest.raises(FeatureError, match="NaN/inf.*the VLM ran in float16"):
         align_features(aligner(), f)
+
+
+def test_nan_from_the_aligner_is_blamed_on_the_aligner_not_the_vlm():
+    a = aligner()
+    with torch.no_grad():
+        a.linear_out.weight[0, 0] = float("nan")
+    with pytest.raises(FeatureError, match="aligned tokens .the VLM features were finite.*aligner's weights") as error:
+        align_features(a, features())
+    assert "VLM ran in float16" not in str(error.value)
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), "1.0"])
+def test_a_non_finite_strength_is_named(strength):
+    with pytest.raises(FeatureError, match="strength must be a finite number"):
+        align_features(aligner(), features(), strength=strength)
 
 
 def test_diffusers_embeds_from_conditioning():
@@ -116,7 +134,7 @@ def test_diffusers_embeds_from_conditioning():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(FeatureError, match="mode must be one of"):
         build_flux_conditioning(torch.randn(1, 5, 32), base=base(), mode="sideways")
 
 

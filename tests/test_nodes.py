@@ -38,7 +38,7 @@ CONTRACT = {
     ),
     "ThinkDiffConditioning": (
         ["aligner", "features", "mode", "strength"],
-        ["conditioning", "text_tokens"],
+        ["conditioning", "text_tokens", "family"],  # family: added last, saved workflows keep loading
         ("CONDITIONING",),
     ),
     "ThinkDiffVisionLoader": (["encoder", "dtype", "device"], [], ("THINKDIFF_VISION",)),
@@ -240,22 +240,3 @@ def test_quantized_load_errors_name_the_fix(standalone_models):
             quantization_kwargs(import_transformers(), "4-bit", torch.bfloat16, torch.device("cuda", 0))
     with pytest.raises(ValueError, match="quantization must be one of"):
         quantization_kwargs(import_transformers(), "3-bit", torch.bfloat16, torch.device("cpu"))
-
-
-def test_moving_the_managed_weights_releases_the_engine_buffers(tiny_qwen2vl_dir, shape_images):
-    """ComfyUI evicts a model by moving its ModelPatcher's module (our holder) as a whole; the fast engine's KV
-    caches and graphs are stale after that and must not stay behind on the device."""
-    from thinkdiff_core import GenerationSettings, encode_with_vlm
-    from thinkdiff_core.prompts import chat_messages, interleaved_content
-    from thinkdiff_core.vlm_loader import load_vlm
-
-    vlm = load_vlm(tiny_qwen2vl_dir, dtype=torch.float32, device="cpu", engine="fast")
-    encode_with_vlm(
-        vlm,
-        chat_messages(interleaved_content("<image> what is it", shape_images[:1])),
-        GenerationSettings(num_tokens=4, greedy=True),
-    )
-    assert vlm.fast_decoder()._states
-    holder = comfy_adapter._Holder(vlm.model, torch.device("cpu"), on_move=vlm.release_device_buffers)
-    holder.to("cpu")
-    assert not vlm.fast_decoder()._states

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nodes import NODE_CLASS_MAPPINGS
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from workflows import build_workflows
 from workflows.pictures import INPUT_IMAGES
 
@@ -141,8 +141,30 @@ def test_new_widget_default_goes_into_the_workflow(monkeypatch):
         ("mode", "prepend"),
         ("strength", 1.0),
         ("text_tokens", 128),
+        ("family", "auto"),
         ("extra_widget", 0.5),
     ]
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=[path.stem for path in UI_FILES])
+def test_api_titles_are_what_the_frontend_writes(ui_path):
+    """`_meta.title` is the node's title, else its display name (the pack's NODE_DISPLAY_NAME_MAPPINGS), as every
+    frontend writes it; PreviewAny sends only `source` (its `preview` box is the frontend's, not the node's)."""
+    api = json.loads((WORKFLOWS / "api" / f"{ui_path.stem}.api.json").read_text())
+    for node in json.loads(ui_path.read_text())["nodes"]:
+        if str(node["id"]) not in api:
+            continue  # a note: frontend only
+        entry = api[str(node["id"])]
+        expected = node.get("title") or NODE_DISPLAY_NAME_MAPPINGS.get(node["type"])
+        expected = expected or build_workflows.CORE_DISPLAY_NAMES[node["type"]]
+        assert entry["_meta"]["title"] == expected, f"node {node['id']} ({node['type']})"
+        if node["type"] == "PreviewAny":
+            assert sorted(entry["inputs"]) == ["source"]
+
+
+def test_a_core_node_without_a_stable_display_name_needs_a_title():
+    with pytest.raises(build_workflows.WorkflowSpecError, match="DualCLIPLoader has no display name .* give the node"):
+        build_workflows.display_name("DualCLIPLoader")
 
 
 def test_a_value_for_a_widget_the_node_lacks_is_an_error():

@@ -1,9 +1,10 @@
 """Every shipped workflow (its API-format copy) runs through the ThinkDiff node classes on CPU, in CI.
 
 ComfyUI is not installed in CI, so the graph is executed here in dependency order: ThinkDiff nodes are the real
-classes; the few core ComfyUI nodes the workflows use are replaced by their standalone equivalents on a tiny diffusers
-FLUX pipeline (CLIPTextEncodeFlux -> FluxPipeline.encode_prompt, KSampler + VAEDecode -> FluxPipeline, ...). Model
-names are mapped to tiny stand-ins and sizes shrunk; every other input is the workflow's own. The same workflows run
+classes; the few core ComfyUI nodes the workflows use are replaced by their standalone equivalents on tiny diffusers
+pipelines of each base (FLUX.1, SD3.5, Chroma: CLIPTextEncodeFlux / CLIPTextEncodeSD3 / CLIPTextEncode -> the
+pipeline's encode_prompt at ComfyUI's T5 length, T5TokenizerOptions -> that length, KSampler + VAEDecode -> the
+pipeline, ...). Model names are mapped to tiny stand-ins and sizes shrunk; every other input is the workflow's own. The same workflows run
 in a real ComfyUI in tests/integration (opt-in).
 """
 
@@ -19,6 +20,7 @@ from PIL import Image
 from nodes import NODE_CLASS_MAPPINGS, comfy_adapter
 from thinkdiff_core import AlignerSpec, ThinkDiffAligner, flux, save_aligner, standin
 from thinkdiff_core.images import image_tensor_from_pil
+from thinkdiff_core.standin_bases import build_base_pipeline
 from thinkdiff_core.vision import extract_vision_tower
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -38,7 +40,12 @@ def standins(tmp_path_factory, tiny_qwen2vl_dir):
     standin.build_blip2_vision(root / "blip2", full_blip2_layout=True)
     extract_vision_tower(root / "blip2", root / "clip_vision" / "tower.safetensors")
     comfy_adapter.set_models_root(root)
-    yield {"pipe": standin.build_flux_pipeline(), "out": root / "output"}
+    pipes = {
+        "flux": standin.build_flux_pipeline(),
+        "sd3": build_base_pipeline("sd3"),
+        "chroma": build_base_pipeline("chroma"),
+    }
+    yield {"pipe": pipes["flux"], "pipes": pipes, "out": root / "output"}
     comfy_adapter.set_models_root(None)
 
 
@@ -46,11 +53,19 @@ def image_tensor(name: str) -> torch.Tensor:
     return image_tensor_from_pil(Image.open(WORKFLOWS / "input" / name))
 
 
+class Clip:
+    """A CLIP output: the stand-in pipeline whose encoders it holds, and T5TokenizerOptions' settings."""
+
+    def __init__(self, pipe, min_length: int | None = None, min_padding: int = 0) -> None:
+        self.pipe, self.min_length, self.min_padding = pipe, min_length, min_padding
+
+
 class Executor:
     """Runs an API-format prompt: real ThinkDiff nodes, standalone equivalents for core nodes."""
 
-    def __init__(self, prompt: dict, pipe, out_dir: Path) -> None:
-        self.prompt, self.pipe, self.out_dir = prompt, pipe, out_dir
+    def __init__(self, prompt: dict, pipes: dict, out_dir: Path) -> None:
+        self.prompt, self.pipes, self.out_dir = prompt, pipes, out_dir
+        self.pipe = pipes["flux"]
         self.results: dict[str, tuple] = {}
         self.saved: dict[str, Image.Image] = {}
         self.ui: dict[str, dict] = {}
@@ -100,19 +115,51 @@ class Executor:
     def core_LoadImage(self, image, **_):
         return (image_tensor(image), None)
 
-    def core_UNETLoader(self, **_):
-        return (self.pipe,)
+    def core_UNETLoader(self, unet_name, weight_dtype):
+        return (self.pipes["chroma" if "chroma" in unet_name.lower() else "flux"],)
+
+    def core_CheckpointLoaderSimple(self, ckpt_name):
+        assert ckpt_name.startswith("sd3"), ckpt_name
+        return (self.pipes["sd3"], None, self.pipes["sd3"])  # MODEL, CLIP (none in SD3.5's file), VAE
+
+    def core_ModelSamplingSD3(self, model, shift):
+        assert shift == 3.0
+        return (model,)
 
     def core_VAELoader(self, **_):
-        return (self.pipe,)
+        return (None,)  # the pipeline decodes
 
-    def core_DualCLIPLoader(self, **_):
-        return (self.pipe,)
+    def core_DualCLIPLoader(self, type, **_):
+        assert type == "flux"
+        return (Clip(self.pipes["flux"]),)
+
+    def core_TripleCLIPLoader(self, **_):
+        return (Clip(self.pipes["sd3"]),)
+
+    def core_CLIPLoader(self, clip_name, type, device):
+        assert type == "chroma" and "t5xxl" in clip_name
+        return (Clip(self.pipes["chroma"]),)
+
+    def core_T5TokenizerOptions(self, clip, min_padding, min_length):
+        return (Clip(clip.pipe, min_length or None, min_padding),)
 
     def core_CLIPTextEncodeFlux(self, clip, clip_l, t5xxl, guidance):
         assert clip_l == t5xxl, "the workflows give both encoders the same text"
-        # ComfyUI pads T5 to at least 256 tokens; so does this equivalent
-        return (flux.text_conditioning(clip, t5xxl, guidance=guidance, max_sequence_length=256),)
+        # ComfyUI pads T5 to at least 256 tokens for FLUX, or to T5TokenizerOptions' min_length; so does this
+        length = clip.min_length or 256
+        return (flux.text_conditioning(clip.pipe, t5xxl, guidance=guidance, max_sequence_length=length),)
+
+    def core_CLIPTextEncodeSD3(self, clip, clip_l, clip_g, t5xxl, empty_padding):
+        assert clip_l == clip_g == t5xxl, "the workflows give the three encoders the same text"
+        assert t5xxl or empty_padding == "empty_prompt", "an empty box with 'none' drops the encoders in ComfyUI"
+        # SD3's T5 pads to at least 77 tokens (sd3_clip.py), or to T5TokenizerOptions' min_length
+        return (flux.text_conditioning(clip.pipe, t5xxl, max_sequence_length=clip.min_length or 77),)
+
+    def core_CLIPTextEncode(self, clip, text):
+        # Chroma's encoder (pixart_t5.py) is unpadded and sends no mask; T5TokenizerOptions pads to min_length
+        ((cond, options),) = flux.text_conditioning(clip.pipe, text, None, max_sequence_length=clip.min_length or 64)
+        kept = cond.shape[1] if clip.min_length else max(1, int(options["attention_mask"].sum()))
+        return ([[cond[:, :kept], {"pooled_output": None}]],)
 
     def core_ConditioningZeroOut(self, conditioning):
         return (
@@ -129,9 +176,21 @@ class Executor:
     def core_KSampler(
         self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
     ):
-        assert cfg == 1.0 and sampler_name == "euler" and scheduler == "simple", "FLUX-dev settings of the recipe"
+        family = flux.pipeline_family(model)
+        if family == "flux":
+            assert cfg == 1.0 and sampler_name == "euler" and scheduler == "simple", "FLUX-dev settings of the recipe"
+        else:  # SD3.5 and Chroma: real CFG against the workflow's empty prompt, which must be that model's
+            assert cfg > 1.0 and sampler_name == "euler"
+            pooled = negative[0][1]["pooled_output"]
+            assert (pooled is None) == (family == "chroma") and (pooled is None or pooled.shape[-1] == 2048)
         image = flux.render(
-            model, positive, steps=STEPS, seed=seed, width=latent_image["width"], height=latent_image["height"]
+            model,
+            positive,
+            steps=STEPS,
+            seed=seed,
+            width=latent_image["width"],
+            height=latent_image["height"],
+            guidance=None if family == "flux" else cfg,
         )
         return ({"image": image, "conditioning": positive},)
 
@@ -149,7 +208,7 @@ class Executor:
 @pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.removesuffix(".api.json") for p in API_FILES])
 def test_workflow_runs_through_the_node_classes(api_file, standins):
     prompt = json.loads(api_file.read_text())
-    executor = Executor(prompt, standins["pipe"], standins["out"])
+    executor = Executor(prompt, standins["pipes"], standins["out"])
     executor.run()
     assert executor.saved, "the workflow saved no image"
     for prefix, image in executor.saved.items():
@@ -164,7 +223,7 @@ def test_workflow_runs_through_the_node_classes(api_file, standins):
 
 def test_lvlm_workflow_is_the_papers_setting(standins):
     prompt = json.loads((WORKFLOWS / "api" / "thinkdiff_lvlm_in_context.api.json").read_text())
-    executor = Executor(prompt, standins["pipe"], standins["out"])
+    executor = Executor(prompt, standins["pipes"], standins["out"])
     executor.run()
     (conditioning_id,) = [i for i, n in prompt.items() if n["class_type"] == "ThinkDiffConditioning"]
     cond, options = executor.output(conditioning_id)[0][0]
@@ -173,3 +232,41 @@ def test_lvlm_workflow_is_the_papers_setting(standins):
     # pooled = CLIP-L(""), from the empty CLIPTextEncodeFlux
     empty = flux.text_conditioning(standins["pipe"], "")[0][1]["pooled_output"]
     torch.testing.assert_close(options["pooled_output"], empty)
+
+
+CLIP_WORKFLOWS = {  # name: (pictures, CLIP-L/G tokens in front)
+    "thinkdiff_clip_style": (1, 0),
+    "thinkdiff_clip_compose": (2, 0),
+    "thinkdiff_sd35_clip_compose": (2, 77),
+    "thinkdiff_chroma_clip_compose": (2, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_WORKFLOWS))
+def test_clip_workflows_encode_the_text_at_128_tokens(name, standins):
+    """The recipe's layout: 65 aligned tokens per picture, then the text's T5 tokens encoded at 128 (T5TokenizerOptions
+    min_length 128, not trimmed); SD3.5 keeps its 77 CLIP-L/G tokens in front."""
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text())
+    executor = Executor(prompt, standins["pipes"], standins["out"])
+    executor.run()
+    (options_id,) = [i for i, n in prompt.items() if n["class_type"] == "T5TokenizerOptions"]
+    assert prompt[options_id]["inputs"] == {**prompt[options_id]["inputs"], "min_length": 128, "min_padding": 0}
+    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == "ThinkDiffConditioning"]
+    assert prompt[node_id]["inputs"]["mode"] == "prepend" and prompt[node_id]["inputs"]["text_tokens"] == 0
+    pictures, clip_tokens = CLIP_WORKFLOWS[name]
+    cond = executor.output(node_id)[0][0][0]
+    assert cond.shape[1] == clip_tokens + 65 * pictures + 128
+
+
+@pytest.mark.parametrize("name, family", [("sd35", "sd3"), ("chroma", "chroma")])
+def test_other_base_lvlm_workflows(name, family, standins):
+    prompt = json.loads((WORKFLOWS / "api" / f"thinkdiff_{name}_lvlm_in_context.api.json").read_text())
+    executor = Executor(prompt, standins["pipes"], standins["out"])
+    executor.run()
+    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == "ThinkDiffConditioning"]
+    assert prompt[node_id]["inputs"]["family"] == family and prompt[node_id]["inputs"]["mode"] == "replace"
+    cond, options = executor.output(node_id)[0][0]
+    if family == "sd3":  # CLIP-L/G("") in front, then only the aligned tokens; pooled of ""
+        assert cond.shape[1] == 77 + MAX_VLM_TOKENS and options["pooled_output"].shape == (1, 2048)
+    else:  # the aligned tokens are the whole prompt
+        assert cond.shape[1] == MAX_VLM_TOKENS and options["pooled_output"] is None

@@ -1,10 +1,12 @@
-"""Standalone ThinkDiff generation without ComfyUI: model lookup, conditioning per mode, one image per prompt.
+"""Standalone ThinkDiff generation without ComfyUI: model lookup, conditioning per mode, one image per prompt, on
+any T5-XXL base diffusers runs (`base`: flux-dev, the paper's, flux-schnell, flux-krea, sd3.5-large, sd3.5-medium,
+sd3.5-large-turbo, sd3-medium, chroma, pixart-sigma; thinkdiff_core.flux.BASES).
 
 Three modes (the CLI's `--mode`, also used by the CoBSAT runner):
 
 - `thinkdiff`: the paper's LVLM setting (recipe section 10): prompt_embeds = aligner(generated-token states),
-  pooled = CLIP-L(""). The VLM generates exactly `num_tokens` tokens (EOS suppressed, recipe section 5).
-- `text`: the text bridge: the VLM's generated answer through FLUX's own CLIP-L and T5 (`pipe.encode_prompt`). The VLM
+  pooled = CLIP-L("") (on SD3: the CLIP-L/G block and pooled vector of "", then the aligned tokens). The VLM generates exactly `num_tokens` tokens (EOS suppressed, recipe section 5).
+- `text`: the text bridge: the VLM's generated answer through the base's own text encoders (`pipe.encode_prompt`). The VLM
   stops at its end-of-turn token (as the TBDN baseline's "VLM writes a prompt" setup, protocol section 10).
 - `hybrid`: the aligned tokens followed by the answer's T5 tokens, pooled from CLIP-L of the answer (the token order
   of ThinkDiff-CLIP: aligned tokens first, then text). The VLM stops at its end-of-turn token, so the aligned tokens
@@ -29,9 +31,9 @@ import torch
 from PIL import Image
 
 from .checkpoints import load_aligner
-from .conditioning import DEFAULT_GUIDANCE, align_features, build_flux_conditioning
+from .conditioning import DEFAULT_GUIDANCE, align_features, build_conditioning
 from .errors import MissingDependencyError, ModelFolderError
-from .flux import empty_prompt_conditioning, render, text_conditioning
+from .flux import BASES, DEFAULT_BASE, Base, empty_prompt_conditioning, render, text_conditioning
 from .generation import GenerationSettings
 from .prompts import chat_messages
 from .vlm import encode_with_vlm
@@ -39,9 +41,9 @@ from .vlm_loader import VlmBundle, load_vlm
 
 logger = logging.getLogger(__name__)
 
-RENDER_MODES = ("thinkdiff", "text", "hybrid")  # what FLUX is given: aligned tokens, the VLM's text, or both
-# T5 length of the text part: FLUX-dev's own default for text prompts, and ThinkDiff-CLIP's 128 when the text follows
-# aligned tokens (recipe section 10).
+RENDER_MODES = ("thinkdiff", "text", "hybrid")  # what the image model is given: aligned tokens, the VLM's text, or both
+# T5 length of the text part: the base's own default for text prompts (FLUX-dev: 512), and ThinkDiff-CLIP's 128
+# when the text follows aligned tokens (recipe section 10).
 TEXT_MAX_SEQUENCE_LENGTH = {"text": 512, "hybrid": 128}
 
 
@@ -130,27 +132,55 @@ def _import_hub():
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def load_flux_pipeline(
+def get_base(base: str | Base) -> Base:
+    """The Base for a name such as 'sd3.5-large' (see thinkdiff_core.flux.BASES)."""
+    if isinstance(base, Base):
+        return base
+    if base not in BASES:
+        raise ModelFolderError(f"unknown base '{base}'; choose one of {', '.join(BASES)}.")
+    return BASES[base]
+
+
+def load_base_pipeline(
     source: str | Path,
+    base: str | Base = DEFAULT_BASE,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     allow_download: bool = False,
     cpu_offload: bool = False,
 ):
-    """diffusers FluxPipeline from a local folder (model_index.json + components) or a cached repo id."""
-    path = resolve_model_folder(source, "FLUX pipeline", allow_download)
-    if not (path / "model_index.json").is_file():
+    """The diffusers pipeline of `base` (FluxPipeline, StableDiffusion3Pipeline, ChromaPipeline,
+    PixArtSigmaPipeline) from a local folder (model_index.json + components) or a cached repo id."""
+    import json
+
+    base = get_base(base)
+    path = resolve_model_folder(source, f"{base.name} pipeline", allow_download)
+    index = path / "model_index.json"
+    if not index.is_file():
         raise ModelFolderError(
-            f"'{path}' has no model_index.json: it is not a diffusers pipeline folder. Use the whole "
-            f"black-forest-labs/FLUX.1-dev repository (a single .safetensors transformer file is not enough here)."
+            f"'{path}' has no model_index.json: it is not a diffusers pipeline folder. Use the whole {base.repo} "
+            f"repository (a single .safetensors transformer file is not enough here)."
+        )
+    found = json.loads(index.read_text()).get("_class_name")
+    if found != base.pipeline_class:
+        others = [name for name, other in BASES.items() if other.pipeline_class == found]
+        hint = f"pass --base {others[0]}" if others else f"pass the {base.repo} folder"
+        raise ModelFolderError(
+            f"'{path}' holds a {found}, but base '{base.name}' needs a {base.pipeline_class}: {hint}."
         )
     try:
-        from diffusers import FluxPipeline
+        import diffusers
     except ImportError as error:
-        raise MissingDependencyError("standalone generation needs diffusers: pip install 'diffusers>=0.31'") from error
-    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; the old name works in all >= 0.31
+        raise MissingDependencyError("standalone generation needs diffusers: pip install 'diffusers>=0.39'") from error
+    pipeline_class = getattr(diffusers, base.pipeline_class, None)
+    if pipeline_class is None:
+        raise MissingDependencyError(
+            f"this diffusers ({diffusers.__version__}) has no {base.pipeline_class}: pip install -U diffusers "
+            f"(0.42 has every base)."
+        )
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; the old name works in all >= 0.39
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = FluxPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        pipe = pipeline_class.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -159,13 +189,25 @@ def load_flux_pipeline(
     return pipe
 
 
+def load_flux_pipeline(
+    source: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    allow_download: bool = False,
+    cpu_offload: bool = False,
+):
+    """diffusers FluxPipeline from a local folder (model_index.json + components) or a cached repo id."""
+    return load_base_pipeline(source, "flux-dev", dtype, device, allow_download, cpu_offload)
+
+
 @dataclass
 class ThinkDiffModels:
-    """Everything one generation needs: the VLM, the aligner (unused in text mode) and the FLUX pipeline."""
+    """Everything one generation needs: the VLM, the aligner (unused in text mode) and the base's pipeline."""
 
     vlm: VlmBundle
     aligner: Any | None
     pipe: Any
+    base: Base = BASES[DEFAULT_BASE]
 
 
 def load_models(
@@ -176,14 +218,21 @@ def load_models(
     dtype: torch.dtype = torch.float32,
     allow_download: bool = False,
     cpu_offload: bool = False,
+    base: str | Base = DEFAULT_BASE,
 ) -> ThinkDiffModels:
-    """Load the three models; the aligner may be None only when every generation uses the text mode."""
+    """Load the three models; the aligner may be None only when every generation uses the text mode.
+
+    flux: the diffusers pipeline folder (or cached repo id) of `base` (a name in thinkdiff_core.flux.BASES).
+    """
+    base = get_base(base)
     vlm_bundle = load_vlm(resolve_model_folder(vlm, "VLM", allow_download), dtype=dtype, device=device)
     aligner_model = None
     if aligner is not None:
         aligner_model = load_aligner(resolve_aligner_file(aligner, allow_download), device=device, dtype=dtype)
-    pipe = load_flux_pipeline(flux, dtype=dtype, device=device, allow_download=allow_download, cpu_offload=cpu_offload)
-    return ThinkDiffModels(vlm=vlm_bundle, aligner=aligner_model, pipe=pipe)
+    pipe = load_base_pipeline(
+        flux, base, dtype=dtype, device=device, allow_download=allow_download, cpu_offload=cpu_offload
+    )
+    return ThinkDiffModels(vlm=vlm_bundle, aligner=aligner_model, pipe=pipe, base=base)
 
 
 # --- conditioning per mode ---------------------------------------------------------------------------------------
@@ -202,22 +251,26 @@ def mode_conditioning(
     aligned: torch.Tensor | None,
     text: str,
     mode: str,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = DEFAULT_GUIDANCE,
+    text_tokens: int | None = None,
 ) -> list[list]:
-    """The FLUX CONDITIONING for a mode (see the module docstring).
+    """The CONDITIONING for a mode (see the module docstring), in the family of `pipe`'s base.
 
     aligned: (1, tokens, 4096) aligner output (ignored by `text`); text: the VLM's generated answer (ignored by
-    `thinkdiff`). Returns [[cond (1, seq, 4096), {"pooled_output": (1, 768), "guidance": guidance}]].
+    `thinkdiff`); guidance: FLUX's distilled guidance (stored in the conditioning; other bases ignore it);
+    text_tokens: T5 length of a text prompt in mode text (default 512, FLUX-dev's). FLUX returns
+    [[cond (1, seq, 4096), {"pooled_output": (1, 768), "guidance": guidance}]].
     """
     check_mode(mode)
     if mode != "text" and aligned is None:
         raise ValueError(f"mode {mode!r} needs the aligned tokens")
     if mode == "thinkdiff":
-        return build_flux_conditioning(aligned, base=empty_prompt_conditioning(pipe, guidance), mode="replace")
-    base = text_conditioning(pipe, text, guidance, max_sequence_length=TEXT_MAX_SEQUENCE_LENGTH[mode])
+        return build_conditioning(aligned, base=empty_prompt_conditioning(pipe, guidance), mode="replace")
+    length = TEXT_MAX_SEQUENCE_LENGTH[mode] if mode == "hybrid" or text_tokens is None else text_tokens
+    base = text_conditioning(pipe, text, guidance, max_sequence_length=length)
     if mode == "text":
         return base
-    return build_flux_conditioning(aligned, base=base, mode="prepend")
+    return build_conditioning(aligned, base=base, mode="prepend")
 
 
 def check_mode(mode: str) -> None:
@@ -243,15 +296,18 @@ def generate(
     content: list[dict],
     mode: str = "thinkdiff",
     settings: GenerationSettings = GenerationSettings(),
-    steps: int = 28,
-    guidance: float = DEFAULT_GUIDANCE,
+    steps: int | None = None,
+    guidance: float | None = None,
     width: int = 1024,
     height: int = 1024,
     seed: int = 42,
     add_vision_id: bool = False,
 ) -> GenerationResult:
-    """VLM -> (aligner) -> FLUX for one user turn `content` (from thinkdiff_core.prompts: layout_content or cobsat_content).
+    """VLM -> (aligner) -> the base model for one user turn `content` (from thinkdiff_core.prompts: layout_content or
+    cobsat_content), on the base `models` were loaded for.
 
+    steps, guidance: None takes the base's defaults (flux-dev: 28 and distilled guidance 3.5; sd3.5-large: 28 and
+    CFG 3.5; ...); guidance is FLUX's distilled guidance, or the other bases' classifier-free guidance scale.
     add_vision_id: "Picture k:" labels, for the in-context (CoBSAT) layout only (recipe section 6).
     """
     check_mode(mode)
@@ -270,9 +326,21 @@ def generate(
         timings["aligner"] = time.perf_counter() - started
     started = time.perf_counter()
     text = features.text[0].strip()
-    conditioning = mode_conditioning(models.pipe, aligned, text, mode, guidance)
-    image = render(models.pipe, conditioning, steps=steps, seed=seed, width=width, height=height)
-    timings["flux"] = time.perf_counter() - started
+    base = models.base
+    steps = base.steps if steps is None else steps
+    guidance = base.guidance if guidance is None else guidance
+    distilled = guidance if base.family == "flux" else None
+    conditioning = mode_conditioning(models.pipe, aligned, text, mode, distilled, text_tokens=base.text_tokens)
+    image = render(
+        models.pipe,
+        conditioning,
+        steps=steps,
+        seed=seed,
+        width=width,
+        height=height,
+        guidance=None if base.family == "flux" else guidance,
+    )
+    timings["flux"] = time.perf_counter() - started  # the image model's time, whichever base (key kept for records)
     return GenerationResult(image=image, text=text, conditioning=conditioning, timings=timings)
 
 
