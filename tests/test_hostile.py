@@ -235,6 +235,61 @@ def test_a_vlm_folder_whose_weights_do_not_fit_is_refused(vlm_folders, name, wor
         assert word in str(caught.value), str(caught.value)
 
 
+def test_a_weight_index_naming_files_outside_its_folder_is_refused(vlm_folders, tmp_path):
+    from thinkdiff_core.vlm_loader import check_model_folder
+
+    folder = tmp_path / "escape"
+    shutil.copytree(vlm_folders["no_vision"].parent / "good", folder)
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    index = {"weight_map": {"model.norm.weight": "../outside.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match=r"outside its folder.*\.\./outside"):
+        check_model_folder(folder)
+
+
+@pytest.mark.parametrize(
+    "error, kind, words, not_words",
+    [
+        (
+            ImportError("requires the accelerate library: pip install accelerate"),
+            "MissingDependencyError",
+            ("accelerate", "Install it"),
+            ("truncated",),
+        ),
+        (
+            ValueError("`low_cpu_mem_usage` is not compatible with this option"),
+            "ThinkDiffError",
+            ("low_cpu_mem_usage", "settings"),
+            ("truncated", "corrupt"),
+        ),
+        (
+            RuntimeError("CUDA error: an illegal memory access was encountered"),
+            "ThinkDiffError",
+            ("illegal memory access",),
+            ("truncated", "corrupt"),
+        ),
+        (
+            RuntimeError("Error(s) in loading state_dict: size mismatch for lm_head.weight"),
+            "ModelFolderError",
+            ("size mismatch", "Download"),
+            (),
+        ),
+        (OSError(28, "No space left on device"), "ModelFolderError", ("No space left", "free space"), ("corrupt",)),
+    ],
+)
+def test_a_from_pretrained_failure_is_blamed_on_its_real_cause(tmp_path, error, kind, words, not_words):
+    """Only weight-shaped failures are reported as a damaged download (a missing package or a CUDA fault is not)."""
+    from thinkdiff_core.vlm_loader import _load_error
+
+    named = _load_error(tmp_path / "Qwen2-VL-7B-Instruct", error)
+    assert type(named).__name__ == kind
+    assert "\n" not in str(named)
+    for word in words:
+        assert word in str(named), str(named)
+    for word in not_words:
+        assert word not in str(named), str(named)
+
+
 def test_a_blip2_folder_without_the_vision_tower_is_refused(tmp_path):
     from thinkdiff_core.vision import load_vision_encoder
 

@@ -103,8 +103,8 @@ def load_vlm(
         )
     except (ValueError, OSError, KeyError, TypeError) as error:
         raise ModelFolderError(
-            f"'{path}/config.json' is not a config transformers can read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}). Download the folder again, or update "
+            f"'{path}/config.json' is not a config transformers can read ({_first_line(error)}). Download the "
+            f"folder again, or update "
             f"transformers if the model is newer than it."
         ) from error
     vlm_class = model_class(transformers, config.model_type)
@@ -136,13 +136,13 @@ def load_vlm(
                 # transformers 4.x: no tensor name fits the architecture (5.x reports them as missing instead)
                 raise _foreign_weights(path, f"a {config.model_type} model") from error
             if not _is_attention_error(error):
-                raise _unreadable_weights(path, error) from error
+                raise _load_error(path, error) from error
             logger.warning("attention backend %s is not available (%s); trying the next one", backend, error)
             last_error = error
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, OSError, SafetensorError) as error:  # a size mismatch, a truncated or unreadable file
-            raise _unreadable_weights(path, error) from error
+            raise _load_error(path, error) from error
     else:
         raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
     check_loading_info(loading_info, path, f"a {config.model_type} model")
@@ -152,9 +152,8 @@ def load_vlm(
         )
     except (ValueError, OSError, KeyError, TypeError) as error:
         raise ModelFolderError(
-            f"the processor files in '{path}' could not be read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}): tokenizer or preprocessor files are missing "
-            f"or damaged. Download the whole repository again."
+            f"the processor files in '{path}' could not be read ({_first_line(error)}): tokenizer or preprocessor "
+            f"files are missing or damaged. Download the whole repository again."
         ) from error
     if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
         model.to(device)
@@ -215,10 +214,18 @@ def check_model_folder(path: str | Path) -> Path:
     for index in path.glob("*.safetensors.index.json"):
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as error:
             raise ModelFolderError(
-                f"'{path}/{index.name}' is not a readable weight index ({error}). Download that file again."
+                f"'{path}/{index.name}' is not a readable weight index ({_first_line(error)}). Download that file again."
             ) from error
+        outside = [
+            name for name in shards if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+        ]
+        if outside:
+            raise ModelFolderError(
+                f"'{path}/{index.name}' names weight files outside its folder ({outside[:3]}); a real index names "
+                f"files beside it. Download that file again from the model's repository."
+            )
         absent = [name for name in shards if not (path / name).is_file()]
         if absent:
             raise ModelFolderError(
@@ -228,8 +235,8 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
-# Groups of state-dict keys, by what they are, for messages: the first match names the part.
-_KEY_PARTS = (("visual", "the vision tower"), ("vision", "the vision tower"), ("lm_head", "the output layer"))
+# Groups of state-dict keys, by the name of one of their dotted components, for messages: the first match names the part.
+_KEY_PARTS = (("visual", "the vision tower"), ("vision_model", "the vision tower"), ("lm_head", "the output layer"))
 
 
 def describe_keys(keys: list[str]) -> str:
@@ -253,7 +260,7 @@ def check_loading_info(info: dict, path: Path, what: str) -> None:
     unexpected = sorted(info.get("unexpected_keys") or [])
     if missing or mismatched:
         keys = missing or mismatched
-        part = next((name for word, name in _KEY_PARTS if all(word in key for key in keys)), "")
+        part = next((name for word, name in _KEY_PARTS if all(word in key.split(".") for key in keys)), "")
         problem = "lack" if missing else "have the wrong shape for"
         other = f"; they hold other tensors instead ({describe_keys(unexpected)})" if unexpected else ""
         raise ModelFolderError(
@@ -285,12 +292,53 @@ def _foreign_weights(path: Path, what: str) -> ModelFolderError:
     )
 
 
-def _unreadable_weights(path: Path, error: Exception) -> ModelFolderError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ModelFolderError(
-        f"the weights in '{path}' could not be loaded ({type(error).__name__}: {first[:200]}): a weight file is "
-        f"truncated, corrupt, or of another model (shapes that do not fit its config.json). Download the whole "
-        f"repository again."
+# What transformers, torch and safetensors say of a weight file that is truncated, damaged or of other shapes.
+_WEIGHT_WORDS = (
+    "size mismatch",
+    "deseriali",
+    "incomplete metadata",
+    "header",
+    "safetensor",
+    "unable to load weights",
+    "invalid load key",
+    "unexpected end",
+    "truncated",
+    "buffer length",
+    "mismatched",
+)
+_DISK_WORDS = ("no space left", "permission denied", "read-only file system", "input/output error")
+
+
+def _first_line(error: BaseException) -> str:
+    """'Type: the first line of the message' (at most 200 characters), for one-line error reports."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _load_error(path: Path, error: BaseException) -> ThinkDiffError:
+    """Name what from_pretrained's failure means: a missing package, a disk problem, a damaged weight file, or
+    (anything else) a setting this transformers cannot load the folder with. Only the weight-shaped messages are
+    blamed on the download."""
+    text = str(error).lower()
+    if isinstance(error, ImportError):
+        return MissingDependencyError(
+            f"loading '{path.name}' needs a package that is missing or too old ({_first_line(error)}). Install it into "
+            f"this Python (the message names it), then restart."
+        )
+    if isinstance(error, OSError) and any(word in text for word in _DISK_WORDS):
+        return ModelFolderError(
+            f"the weights in '{path}' could not be read from disk ({_first_line(error)}). Check that the drive is "
+            f"mounted and readable, and that the temp folder has free space."
+        )
+    if isinstance(error, (OSError, SafetensorError)) or any(word in text for word in _WEIGHT_WORDS):
+        return ModelFolderError(
+            f"the weights in '{path}' could not be loaded ({_first_line(error)}): a weight file is truncated, "
+            f"corrupt, or of another model (shapes that do not fit its config.json). Download the whole repository "
+            f"again."
+        )
+    return ThinkDiffError(
+        f"transformers could not load '{path.name}' with these settings ({_first_line(error)}). Try dtype 'auto' and "
+        f"quantization 'none', or update transformers if the folder is newer than it."
     )
 
 
