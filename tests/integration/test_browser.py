@@ -15,7 +15,8 @@ still sends for PreviewAny's read-only text box (not an input of the node; 1.49.
 the page logs no console error beyond each frontend's known page-load noise; POST /prompt with that
 output passes ComfyUI's validation with no node_errors; saving it again keeps every widget value and link (a widget
 fed by a link, as the VLM text into CLIPTextEncodeFlux, stays an input entry with a "widget" key at the same slot);
-and a screenshot of the graph goes to docs/images/<name>.png.
+and a screenshot of the graph is taken (and copied to docs/images/<name>.png only with
+THINKDIFF_UPDATE_SCREENSHOTS=1, from frontend SCREENSHOT_FRONTEND: a test run leaves the checkout as it was).
 
 Why validation only: ComfyUI validates a prompt fully before queueing it (node types, links, input types, combo
 values, LoadImage files), so a clean /prompt reply is the strongest check short of running the real models. Combo
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -113,10 +115,7 @@ def server(request, new_comfy_home):
 @pytest.fixture(scope="module")
 def frontend(server, tmp_path_factory):
     """Runs check_workflows.mjs once for all workflows; returns its report keyed by workflow name."""
-    shots = SCREENSHOT_DIR
-    if len(FRONTENDS) > 1 and server.frontend != SCREENSHOT_FRONTEND:
-        shots = tmp_path_factory.mktemp(f"screenshots-{server.frontend}")
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = tmp_path_factory.mktemp(f"screenshots-{server.frontend}")
     result = tmp_path_factory.mktemp("browser") / "result.json"
     config = {
         "url": server.url,
@@ -142,6 +141,10 @@ def frontend(server, tmp_path_factory):
     )
     report["by_name"] = {entry["name"]: entry for entry in report["workflows"]}
     report["screenshots"] = shots
+    if os.environ.get("THINKDIFF_UPDATE_SCREENSHOTS") == "1" and server.frontend in (SCREENSHOT_FRONTEND, "installed"):
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        for shot in shots.glob("*.png"):
+            shutil.copyfile(shot, SCREENSHOT_DIR / shot.name)
     return report
 
 
