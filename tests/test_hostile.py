@@ -132,6 +132,50 @@ def test_resume_repairs_torn_metrics_falls_back_past_a_damaged_checkpoint_and_re
     assert ".tmp-checkpoint-0000006" not in names and "checkpoint-0000001" not in names
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_so_pruning_keeps_the_good_ones(
+    tiny_train_data, tiny_features, tmp_path, caplog
+):
+    """After a resume falls back past a damaged checkpoint, that one is renamed damaged-checkpoint-N (kept, not
+    counted): it can no longer stand as 'the newest' while pruning deletes the good ones around it."""
+    from thinkdiff_train.train_aligner import main
+
+    run = tmp_path / "run"
+    args = ["--config", TINY, "--output-dir", str(run), *tiny_overrides(tiny_train_data, keep_checkpoints=2)]
+    assert main([*args, "--set", "checkpoint_every=2", "--max-steps", "4"]) == 0
+    newest = run / "checkpoints" / "checkpoint-0000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert main([*args, "--set", "checkpoint_every=1", "--max-steps", "3", "--resume"]) == 0
+    assert "renamed to damaged-checkpoint-0000004" in caplog.text
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["checkpoint-0000002", "checkpoint-0000003", "damaged-checkpoint-0000004"], names
+    caplog.clear()
+    assert main([*args, "--set", "checkpoint_every=1", "--max-steps", "4", "--resume"]) == 0
+    assert "cannot be read back" not in caplog.text  # the next resume starts from step 3 directly
+
+
+def test_leftover_cleanup_completes_a_whole_temp_checkpoint_and_spares_what_it_cannot_read(tmp_path):
+    """A kill between removing checkpoint-N and renaming its whole temp folder: the temp folder is renamed into
+    place, not deleted. A progress.json that cannot be read (here a folder in its place: a real OSError that is not
+    'missing') is an error naming it, and nothing is removed. A user's own '.notes.tmp' is not a temp file of ours."""
+    from thinkdiff_train.checkpointing import ResumeError, RunFolder, remove_leftovers
+
+    run = RunFolder(tmp_path / "run")
+    whole = run.checkpoints / ".tmp-checkpoint-0000006"
+    whole.mkdir(parents=True)
+    (whole / "model.safetensors").write_bytes(b"weights")
+    (whole / "progress.json").write_text(json.dumps({"step": 6}))
+    (run.root / ".notes.tmp").write_text("mine")
+    assert remove_leftovers(run) == []
+    assert (run.checkpoints / "checkpoint-0000006" / "model.safetensors").read_bytes() == b"weights"
+    assert (run.root / ".notes.tmp").read_text() == "mine"
+
+    unreadable = run.checkpoints / "checkpoint-0000008"
+    (unreadable / "progress.json").mkdir(parents=True)
+    with pytest.raises(ResumeError, match="cannot read .*checkpoint-0000008.*progress.json.*left as it is"):
+        remove_leftovers(run)
+    assert unreadable.is_dir() and (run.checkpoints / "checkpoint-0000006").is_dir()
+
+
 # --- validation before expensive work -------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from thinkdiff_core.errors import ChangedSettingsError, ThinkDiffError, library_error_message
-from thinkdiff_core.files import apply_umask, is_temp_name, write_text_atomic
+from thinkdiff_core.files import apply_umask, fsync_path, is_temp_name, write_atomic, write_text_atomic
 from thinkdiff_train.tasks import batch_counts
 
 logger = logging.getLogger("thinkdiff.train.checkpointing")
@@ -65,8 +65,17 @@ class RunFolder:
 def read_progress(folder: Path) -> dict | None:
     """A checkpoint's progress.json, or None when it is missing or unreadable (the folder is then not complete)."""
     try:
+        return _progress_or_incomplete(folder)
+    except OSError:
+        return None
+
+
+def _progress_or_incomplete(folder: Path) -> dict | None:
+    """progress.json as a dict; None when it is absent or not a progress record (a kill mid-write or mid-prune).
+    Any other read error (EIO, a stale network mount, no permission) is raised: it says nothing about the folder."""
+    try:
         progress = json.loads((folder / "progress.json").read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return progress if isinstance(progress, dict) and isinstance(progress.get("step"), int) else None
 
@@ -83,11 +92,21 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 
 def remove_leftovers(run: RunFolder) -> list[str]:
     """What a killed run leaves behind, removed with a message: temp checkpoint folders (.tmp-checkpoint-N, a kill
-    while saving), checkpoint folders without a readable progress.json (a kill while an old one was pruned, which
-    deletes progress.json first) and write_atomic's temp files. None of them holds anything a resume can use."""
-    leftovers = [*run.checkpoints.glob(".tmp-checkpoint-*")] if run.checkpoints.is_dir() else []
+    while saving), checkpoint folders without progress.json (a kill while an old one was pruned, which deletes
+    progress.json first) and write_atomic's temp files. None of them holds anything a resume can use. A temp folder
+    that is complete (progress.json is written last) whose checkpoint-N is gone (a kill between the two renames) is
+    renamed into place instead. A folder whose progress.json cannot be read for another reason (a disk error, no
+    permission) is never removed: that is an error naming it."""
+    leftovers = []
     if run.checkpoints.is_dir():
-        leftovers += [folder for folder in run.checkpoints.glob("checkpoint-*") if read_progress(folder) is None]
+        for temporary in sorted(run.checkpoints.glob(".tmp-checkpoint-*")):
+            final = run.checkpoints / temporary.name.removeprefix(".tmp-")
+            if not final.exists() and _readable_progress(temporary) is not None:
+                os.replace(temporary, final)
+                logger.warning("completed the interrupted save of %s (it was whole in %s)", final.name, temporary.name)
+            else:
+                leftovers.append(temporary)
+        leftovers += [folder for folder in run.checkpoints.glob("checkpoint-*") if _readable_progress(folder) is None]
     if run.root.is_dir():
         leftovers += [path for path in run.root.iterdir() if path.is_file() and is_temp_name(path.name)]
     for path in sorted(leftovers):
@@ -97,6 +116,37 @@ def remove_leftovers(run: RunFolder) -> list[str]:
         else:
             path.unlink(missing_ok=True)
     return [path.name for path in sorted(leftovers)]
+
+
+def _readable_progress(folder: Path) -> dict | None:
+    try:
+        return _progress_or_incomplete(folder)
+    except OSError as error:
+        raise ResumeError(
+            f"cannot read {folder / 'progress.json'} ({type(error).__name__}: {error}); the folder was left as it is. "
+            f"Check the disk and the folder's permissions, then rerun."
+        ) from error
+
+
+def set_aside_damaged(checkpoint_dir: Path, resumed_step: int) -> list[str]:
+    """Rename the checkpoints newer than the one a resume fell back to (they did not read back) to damaged-checkpoint-N,
+    with a message: they stay for inspection, but no longer count as the newest, so pruning cannot keep them in place
+    of the good ones."""
+    moved = []
+    for step, folder in list_checkpoints(checkpoint_dir):
+        if step > resumed_step:
+            target = folder.with_name(f"damaged-{folder.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(folder, target)
+            moved.append(target.name)
+            logger.warning(
+                "%s did not read back: renamed to %s (training continues from step %d; delete it when you no longer "
+                "need it)",
+                folder.name,
+                target.name,
+                resumed_step,
+            )
+    return moved
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: dict, keep: int) -> None:
@@ -118,8 +168,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: di
         if accelerator.is_main_process:
             write_text_atomic(temporary / "progress.json", json.dumps(progress, indent=1))
             apply_umask(temporary)
-            shutil.rmtree(final, ignore_errors=True)
+            for file in [
+                *temporary.rglob("*"),
+                temporary,
+            ]:  # on the disk before the rename: a power loss keeps it whole
+                fsync_path(file)
+            shutil.rmtree(final, ignore_errors=True)  # a kill from here to the rename: remove_leftovers completes it
             os.replace(temporary, final)
+            fsync_path(checkpoint_dir)
     except (OSError, RuntimeError, SafetensorError) as error:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
         previous = list_checkpoints(checkpoint_dir)
@@ -132,8 +188,10 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: di
             f"could not write {final.name} in {checkpoint_dir} ({error}); {kept}. Free disk space or fix the "
             f"folder's permissions, then rerun with --resume."
         ) from error
-    if accelerator.is_main_process:
-        for _, old in list_checkpoints(checkpoint_dir)[:-keep] if keep else []:
+    if accelerator.is_main_process and keep:
+        # only older ones: the checkpoint just written is always kept, whatever else the folder holds
+        older = [folder for step, folder in list_checkpoints(checkpoint_dir) if step < progress["step"]]
+        for old in older[: max(0, len(older) - (keep - 1))]:
             (old / "progress.json").unlink()  # first, so a kill mid-delete never leaves a "complete" half folder
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -216,6 +274,8 @@ def begin_run(
         )
     check_same_settings(progress, settings, step, allow_changed_settings)
     if accelerator.is_main_process:
+        if errors:
+            set_aside_damaged(run.checkpoints, step)
         keep_metrics_up_to(run.metrics, step)
     logger.info("resumed from %s at step %d", folder, step)
     return step, progress["skipped_images"]
@@ -346,7 +406,7 @@ def write_metrics(accelerator: Accelerator, run: RunFolder, row: dict) -> None:
                 handle.write(json.dumps(row) + "\n")
         except OSError as error:
             raise CheckpointSaveError(
-                f"could not append step {row['step']} to {run.metrics} ({library_error_message(error)}) Earlier "
+                f"could not append step {row['step']} to {run.metrics} ({library_error_message(error)}). Earlier "
                 f"checkpoints are intact; after fixing it, rerun with --resume (a torn last line is repaired)."
             ) from error
 
@@ -396,5 +456,5 @@ def plot_loss_curve(metrics_path: Path, image_path: Path, title: str) -> None:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(image_path)
+    write_atomic(image_path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
