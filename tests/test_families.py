@@ -99,7 +99,30 @@ def test_flux_redux_joint_mask_is_extended(aligner):
     assert options["attention_mask_img_shape"] == (2, 2)
 
 
+@pytest.mark.parametrize("mode, text_tokens", [("replace", 0), ("append", 5)])
+def test_replace_or_trim_past_redux_tokens_is_refused(aligner, mode, text_tokens):
+    """After StyleModelApply the cond holds T5 tokens then Redux tokens, with a joint mask: replace or text_tokens
+    would silently drop the Redux tokens, so they are refused with the fix (apply StyleModelApply afterwards)."""
+    txt, img = 10, 4
+    base = flux_base(tokens=txt)
+    base[0][1].update(attention_mask=torch.zeros(1, txt + img, txt + img), attention_mask_img_shape=(2, 2))
+    with pytest.raises(FeatureError, match="StyleModelApply.*cannot be told apart.*after ThinkDiff Conditioning"):
+        apply(aligner, mode, base, text_tokens=text_tokens)
+
+
 # --- SD3 / SD3.5 ---------------------------------------------------------------------------------------------------
+
+
+def test_a_zeroed_out_sd3_base_has_no_clip_block(aligner):
+    """ConditioningZeroOut makes every token zero: none of them is a CLIP-L/G block to keep in front (it used to be
+    counted as 308 CLIP tokens). A CONDITIONING built at strength 0 reads back the same way."""
+    base = sd3_base(t5_tokens=256)
+    base = [[torch.zeros_like(base[0][0]), {"pooled_output": torch.zeros(1, 2048)}]]
+    assert sd3_clip_tokens(base[0][0]) == 0
+    ((cond, _),) = apply(aligner, "replace", base)
+    assert cond.shape[1] == ALIGNED
+    ((zero, _),) = apply(aligner, "replace", sd3_base(), strength=0.0)
+    assert sd3_clip_tokens(zero) == 77
 
 
 @pytest.mark.parametrize("mode", ["replace", "append", "prepend"])

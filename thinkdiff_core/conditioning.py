@@ -15,7 +15,10 @@ CLIP-L/G block is kept in front in every mode (SD3's MMDiT was trained with both
 prompt is what it sees when only T5 carries the prompt), and `text_tokens` trims the T5 part only. The pooled vector
 and every other option are kept from the base. An `attention_mask` in the base is extended to the new token count
 (token masks (B, tokens): ones for the aligned tokens; FLUX's Redux-style joint bias masks (B, tokens + image,
-tokens + image): zero bias for them), never dropped. ComfyUI's own Chroma/PixArt encoders send no mask, and none is
+tokens + image), with image = the reference image's latent tokens): zero bias for them), never dropped. Redux's own
+tokens (StyleModelApply) are appended to the T5 tokens in the cond and cannot be told apart from them: with such a
+joint mask, replace and text_tokens (which would drop them) are refused; without one (strength_type multiply at 1.0
+makes none) they are not detectable, so apply StyleModelApply after this node. ComfyUI's own Chroma/PixArt encoders send no mask, and none is
 built here for them (0.3.64's FLUX/Chroma code would read a token mask as an image-shaped one); the diffusers
 pipelines that need one (PixArt-Sigma, Chroma) get all-ones from `to_diffusers_embeds`.
 
@@ -173,11 +176,13 @@ def resolve_family(family: str, base: list | None, width: int) -> str:
 
 def sd3_clip_tokens(cond: torch.Tensor) -> int:
     """How many leading tokens of an SD3 conditioning are its CLIP-L/G block: whole 77-token chunks whose columns past
-    2048 are zero (ComfyUI's padding; T5 states are never exactly zero there)."""
+    2048 are zero (ComfyUI's padding; T5 states are never exactly zero there) and whose first 2048 are not all zero
+    (CLIP states never are: an all-zero token, as ConditioningZeroOut or strength 0 makes, is not CLIP)."""
     if cond.shape[-1] <= SD3_CLIP_WIDTH:
         return 0
     padded = (cond[..., SD3_CLIP_WIDTH:] == 0).all(dim=-1).all(dim=0)  # (tokens,)
-    run = int(padded.long().cumprod(dim=0).sum().item())
+    clip = padded & (cond[..., :SD3_CLIP_WIDTH] != 0).any(dim=-1).any(dim=0)
+    run = int(clip.long().cumprod(dim=0).sum().item())
     return run // SD3_CLIP_CHUNK * SD3_CLIP_CHUNK
 
 
@@ -215,7 +220,19 @@ def check_inputs(
                     f"features have batch {batch} but the base conditioning has batch {cond.shape[0]}; use one of "
                     f"each or equal batches."
                 )
+        joint = any(_is_tensor_of_dim(options.get("attention_mask"), 3) for _, options in base)
+        if joint and (mode == "replace" or text_tokens > 0):
+            raise FeatureError(
+                f"the base conditioning carries a joint text+image attention mask, as StyleModelApply (Redux) leaves it: "
+                f"its image tokens sit among the T5 tokens and cannot be told apart, so "
+                f"{'mode replace' if mode == 'replace' else 'text_tokens'} would drop them. Apply StyleModelApply after "
+                f"ThinkDiff Conditioning instead, or use mode append or prepend with text_tokens 0."
+            )
     return base, resolve_family(family, base, width)
+
+
+def _is_tensor_of_dim(value: object, dim: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == dim
 
 
 def build_conditioning(
