@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from thinkdiff_core.errors import CheckpointError, ModelFolderError
+from thinkdiff_core.errors import CheckpointError, ModelFolderError, ThinkDiffError
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,11 @@ def compute_device(requested: str = "auto") -> torch.device:
         return model_management.get_torch_device()
     if requested == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ThinkDiffError(
+            f"device '{requested}' needs a CUDA GPU, but torch sees none (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda or 'no'}). Choose device auto or cpu."
+        )
     return torch.device("cuda", torch.cuda.current_device())
 
 

@@ -93,6 +93,9 @@ def test_loading_checks_the_pipeline_is_the_bases(sd3_dir, tiny_flux_dir):
         load_base_pipeline(sd3_dir, "sd4")
     pipe = load_base_pipeline(sd3_dir, "sd3.5-large", dtype=torch.float32)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    # schnell and dev share FluxPipeline: the transformer's guidance_embeds tells them apart (the stand-in is dev-like)
+    with pytest.raises(ModelFolderError, match="guidance-distilled FLUX.1 .* samples as schnell: pass --base flux-dev"):
+        load_base_pipeline(tiny_flux_dir, "flux-schnell", dtype=torch.float32)
 
 
 def test_cobsat_mini_loop_on_sd35(tmp_path, models_root, sd3_dir, cobsat_mini_root, capsys):

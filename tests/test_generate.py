@@ -107,6 +107,11 @@ def test_missing_models_name_the_fix(tmp_path, monkeypatch):
         resolve_model_folder("black-forest-labs/FLUX.1-dev", "FLUX pipeline", allow_download=True)
     with pytest.raises(ModelFolderError, match="Mifucius/ThinkDiff"):
         resolve_aligner_file("Mifucius/ThinkDiff/thinkdiff_lvlm.pth")
+    # a mistyped relative path under a folder that exists is a path, not a repo id to download
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelFolderError, match="folder 'models/FLUX.1-dev' does not exist"):
+        resolve_model_folder("models/FLUX.1-dev", "FLUX pipeline", allow_download=True)
     (tmp_path / "not-a-pipeline").mkdir()
     with pytest.raises(ModelFolderError, match="model_index.json"):
         load_flux_pipeline(tmp_path / "not-a-pipeline")

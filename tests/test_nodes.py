@@ -214,6 +214,9 @@ def test_standalone_adapter_without_comfyui():
     assert comfy_adapter.IN_COMFYUI is False
     assert importlib.util.find_spec("comfy") is None
     assert comfy_adapter.compute_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():  # a raw "Found no NVIDIA driver" before
+        with pytest.raises(ThinkDiffError, match="device 'cuda' needs a CUDA GPU.*Choose device auto or cpu"):
+            comfy_adapter.compute_device("cuda")
 
 
 def test_loader_engine_choice_reaches_the_encode_node_and_release_frees_its_buffers(graph, standalone_models):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .conditioning import DEFAULT_GUIDANCE, POOLED_WIDTHS, sd3_clip_tokens, to_diffusers_embeds, token_mask
+from .errors import FeatureError
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,10 @@ def render(
         elif family == "sd3":
             negative, negative_pooled = _sd3_negative(pipe, prompt_embeds)
             if pooled.shape[-1] != POOLED_WIDTHS["sd3"]:
-                pooled = torch.zeros(prompt_embeds.shape[0], POOLED_WIDTHS["sd3"])
+                raise FeatureError(
+                    f"an SD3 render got a pooled vector {pooled.shape[-1]} wide, not SD3's 2048 (CLIP-L ++ CLIP-G): the "
+                    f"conditioning was built for another family. Build it for sd3 (family sd3, or an SD3 base)."
+                )
             result = pipe(
                 prompt_embeds=prompt_embeds.to(device, dtype),
                 pooled_prompt_embeds=pooled.to(device, dtype),
@@ -199,4 +203,5 @@ def _sd3_negative(pipe, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torc
     if clip > own_clip:
         block = torch.cat([block, block.new_zeros(block.shape[0], clip - own_clip, block.shape[2])], dim=1)
     negative = torch.cat([block, embeds[:, own_clip:]], dim=1)[:, : prompt_embeds.shape[1]]
-    return negative.float().cpu().expand(prompt_embeds.shape[0], -1, -1), pooled.float().cpu()
+    batch = prompt_embeds.shape[0]
+    return negative.float().cpu().expand(batch, -1, -1), pooled.float().cpu().expand(batch, -1)

@@ -71,7 +71,7 @@ def resolve_model_folder(source: str | Path, what: str, allow_download: bool = F
     if path.is_dir():
         return path
     source = str(source)
-    if not looks_like_repo_id(source):
+    if not looks_like_repo_id(source) or path.parent.is_dir():  # 'models/FLUX.1-dev' with models/ here is a path
         raise ModelFolderError(
             f"{what} folder '{source}' does not exist. Pass the path of a downloaded Hugging Face model folder, or a "
             f"repo id such as 'owner/name' that is in the Hugging Face cache."
@@ -83,7 +83,13 @@ def resolve_model_folder(source: str | Path, what: str, allow_download: bool = F
         cached_error = error
     if downloads_allowed(allow_download):
         logger.warning("downloading %s '%s' from the Hugging Face Hub (--allow-download)", what, source)
-        return Path(hub.snapshot_download(source))
+        try:
+            return Path(hub.snapshot_download(source))
+        except Exception as error:  # no network, no such repo, a gated repo, a full disk
+            raise ModelFolderError(
+                f"downloading {what} '{source}' failed ({type(error).__name__}: {str(error).strip()[:200]}). Check the "
+                f"repo id, your network and Hugging Face login (gated models need one), or download it yourself."
+            ) from error
     raise ModelFolderError(
         f"{what} '{source}' is neither a local folder nor in the Hugging Face cache ({type(cached_error).__name__}). "
         f"Download it first (huggingface-cli download {source}) or pass its local folder; or add --allow-download "
@@ -141,6 +147,29 @@ def get_base(base: str | Base) -> Base:
     return BASES[base]
 
 
+def _check_flux_variant(path: Path, base: Base) -> None:
+    """FLUX.1 schnell and the guidance-distilled dev/Krea share FluxPipeline; the transformer's `guidance_embeds`
+    tells them apart. Sampling one with the other's steps and guidance gives a poor image with no error."""
+    import json
+
+    if base.family != "flux":
+        return
+    try:
+        distilled = json.loads((path / "transformer" / "config.json").read_text()).get("guidance_embeds")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable transformer config is diffusers' to name when it loads
+    if distilled is False and base.guidance is not None:
+        raise ModelFolderError(
+            f"'{path}' is FLUX.1 schnell (no guidance embedding), but base '{base.name}' samples as a "
+            f"guidance-distilled model: pass --base flux-schnell."
+        )
+    if distilled is True and base.guidance is None:
+        raise ModelFolderError(
+            f"'{path}' is a guidance-distilled FLUX.1 (dev or Krea), but base '{base.name}' samples as schnell: pass "
+            f"--base flux-dev (or flux-krea for FLUX.1-Krea-dev)."
+        )
+
+
 def load_base_pipeline(
     source: str | Path,
     base: str | Base = DEFAULT_BASE,
@@ -168,6 +197,7 @@ def load_base_pipeline(
         raise ModelFolderError(
             f"'{path}' holds a {found}, but base '{base.name}' needs a {base.pipeline_class}: {hint}."
         )
+    _check_flux_variant(path, base)
     try:
         import diffusers
     except ImportError as error:
