@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -110,6 +112,7 @@ def cold_compile_caches(args) -> None:
     if args.warm_caches:
         return
     folder = tempfile.mkdtemp(prefix="thinkdiff-bench-compile-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # compiled kernels are for this run only
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor")
     os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
 

@@ -55,6 +55,8 @@ if [ "${SKIP_INSTALL:-0}" != "1" ]; then
         quiet_pip install --quiet -c "$CONSTRAINTS" -r "$REQS"
         quiet_pip install --quiet --no-deps "$TORCHAUDIO"
         quiet_pip install --quiet -c "$CONSTRAINTS" -r "$ROOT/requirements.txt"
+        rm -f "$REQS" "$CONSTRAINTS" # here too: the exec at the end replaces this shell, and its EXIT trap with it
+        trap - EXIT
         echo "$WANT" > "$STAMP"
     fi
     for version in $THINKDIFF_FRONTENDS; do
