@@ -99,6 +99,20 @@ def test_generate_output_onto_an_input_image_is_refused(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "device, words",
+    [("gpu", ("not a device torch knows", "cuda, cuda:1 or cpu")), ("cuda:7", ("CUDA GPU",))],
+)
+def test_a_device_this_machine_lacks_is_named_before_models_load(tmp_path, capsys, device, words):
+    """Used to end in torch's 'Found no NVIDIA driver' (a RuntimeError blamed on a bug) after the models loaded."""
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    image = tmp_path / "in.png"
+    standin.draw_shape_image("red").save(image)
+    args = ["generate", "--vlm", "v", "--flux", "f", "--aligner", "a", "--image", str(image), "--words", "a", "b"]
+    one_line_error(capsys, core_main([*args, "--output", str(tmp_path / "o.png"), "--device", device]), *words)
+
+
 def test_extract_vision_never_writes_into_its_source(tmp_path, capsys):
     source = standin.build_blip2_vision(tmp_path / "blip2", full_blip2_layout=True)
     before = {p.name: p.read_bytes() for p in source.iterdir()}

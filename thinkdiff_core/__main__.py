@@ -216,7 +216,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .errors import PromptError
-    from .pipeline import default_device, generate, load_models
+    from .pipeline import check_device, generate, load_models
     from .prompts import layout_content
 
     check_generate_arguments(args)
@@ -232,7 +232,7 @@ def run_generate(args: argparse.Namespace) -> None:
     prompt = "\n".join(args.words) if args.words else args.prompt.replace("\\n", "\n")
     images = [read_image(path) for path in args.image]
     content = layout_content(layout, prompt, images)
-    device = args.device or default_device()
+    device = check_device(args.device)
     dtype = torch_dtype(args.dtype, device)
     models = load_models(
         args.vlm,

@@ -32,7 +32,7 @@ from PIL import Image
 
 from .checkpoints import load_aligner
 from .conditioning import DEFAULT_GUIDANCE, align_features, build_conditioning
-from .errors import MissingDependencyError, ModelFolderError
+from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError
 from .flux import BASES, DEFAULT_BASE, Base, empty_prompt_conditioning, render, text_conditioning
 from .generation import GenerationSettings
 from .prompts import chat_messages
@@ -376,3 +376,28 @@ def generate(
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name: str | None) -> str:
+    """`name` (a --device value) when this machine has that device, else the default; one line naming the fix
+    otherwise (torch's own error is 'Found no NVIDIA driver', raised minutes later, after the models load)."""
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ThinkDiffError(
+            f"--device {name!r} is not a device torch knows ({error}): use cuda, cuda:1 or cpu."
+        ) from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ThinkDiffError(
+                f"--device {name} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, CUDA build: "
+                f"{torch.version.cuda or 'no'}): use --device cpu, or a torch build for your GPU."
+            )
+        if device.index is not None and device.index >= count:
+            raise ThinkDiffError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ThinkDiffError(f"--device {name}: this machine has no Apple MPS device: use --device cpu.")
+    return name

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..dtypes import DTYPE_CHOICES, torch_dtype
 from ..errors import PromptError, ThinkDiffError
 from ..flux import BASES, DEFAULT_BASE
-from ..pipeline import RENDER_MODES
+from ..pipeline import RENDER_MODES, check_device
 from .benchmark import SHOTS, TASKS, prompts, task_by_id
 
 
@@ -130,7 +130,7 @@ def command_run(args: argparse.Namespace) -> None:
     items = work_items(args.tasks, args.shots, args.modes, args.limit)
     check_dataset(args.data_root, items)
     process_index, num_processes, accelerate_device = process_rank()
-    device = args.device or accelerate_device
+    device = check_device(args.device) if args.device else accelerate_device
     dtype = torch_dtype(args.dtype, device)
     factory = lambda: load_models(  # noqa: E731
         args.vlm,
@@ -161,12 +161,11 @@ def command_run(args: argparse.Namespace) -> None:
 
 
 def command_judge(args: argparse.Namespace) -> None:
-    from ..pipeline import default_device
     from .judges import load_judge
     from .runner import work_items
     from .score import judge_items
 
-    device = args.device or default_device()
+    device = check_device(args.device)
     judge = load_judge(args.judge, args.judge_model, device, torch_dtype(args.dtype, device), args.judge_max_tokens)
     summaries = judge_items(
         judge, work_items(args.tasks, args.shots, args.modes, args.limit), args.out, not args.no_progress
