@@ -34,18 +34,28 @@ def mrope(theta: float, section: list[int]) -> dict:
     return {"rope_theta": theta, "rope_scaling": {"type": "mrope", "mrope_section": section}}
 
 
-# Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
-QWEN2_VL_7B_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    **mrope(1000000.0, [16, 24, 24]),
+QWEN2_VL_TEXT_DIMS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
 )
+
+
+def qwen2vl_text(*dims: int, rope_theta: float, mrope_section: list[int]) -> dict:
+    """A Qwen2-VL text config of the given QWEN2_VL_TEXT_DIMS (in that order), RMS norm eps 1e-6 and M-RoPE."""
+    return {
+        **dict(zip(QWEN2_VL_TEXT_DIMS, dims, strict=True)),
+        "rms_norm_eps": 1e-6,
+        **mrope(rope_theta, mrope_section),
+    }
+
+
+# Qwen/Qwen2-VL-7B-Instruct's config.json, the dims that set the cost.
+QWEN2_VL_7B_TEXT = qwen2vl_text(152064, 3584, 18944, 28, 28, 4, 32768, rope_theta=1000000.0, mrope_section=[16, 24, 24])
 QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14)
 
 

@@ -68,7 +68,7 @@ from bench_common import (
     QWEN2_VL_7B_VISION,
     ForcedChoice,
     cold_compile_caches,
-    mrope,
+    qwen2vl_text,
     teacher_forced,
 )
 
@@ -98,17 +98,7 @@ ALIGNER_NAME = "thinkdiff-lvlm-random.safetensors"
 PROMPT, LAYOUT = "red\nblue\ngreen", "in-context words"  # the encode node's default CoBSAT prompt, 2 pictures
 CONTENDERS = ("generate", "fast", "static_compile", "fast_no_cuda_graphs")
 # Tiny shapes: the real architecture at toy size (odd intermediate size on purpose), same code path as the 7B.
-TINY_TEXT = dict(
-    vocab_size=499,
-    hidden_size=64,
-    intermediate_size=77,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    **mrope(10000.0, [4, 2, 2]),
-)
+TINY_TEXT = qwen2vl_text(499, 64, 77, 2, 4, 2, 4096, rope_theta=10000.0, mrope_section=[4, 2, 2])
 TINY_VISION = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14)
 # (time limit, time it needs at least to be worth starting) per step, in seconds, on an H200; tiny runs scale them.
 STEP_LIMITS = {

@@ -215,66 +215,85 @@ def build_aligner(
     )
 
 
-def build_flux_pipeline(seed: int = 0):
-    """A diffusers FluxPipeline of tiny random parts that still takes real-width inputs: T5 tokens of width 4096
-    and a CLIP-L pooled vector of width 768, so real aligner outputs fit it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+T5_WIDTH = 4096  # T5-XXL's hidden size: the token width every stand-in base is conditioned on
+# The tiny FLUX transformer's dims (one block of each kind, real T5-XXL width); Chroma's stand-in shares them.
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=T5_WIDTH,
+)
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        axes_dims_rope=[4, 6, 6],
-        guidance_embeds=True,
+
+def bpe_clip_tokenizer():
+    """A CLIP-like BPE tokenizer: <|startoftext|> (id 0) and <|endoftext|> (id 1, also padding), 77 tokens."""
+    tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def bpe_t5_tokenizer(corpus: list[str] | None = None):
+    """A T5-like BPE tokenizer: <pad>, </s>, <unk>, 512 tokens."""
+    tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320, corpus=corpus)
+    tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token = "<pad>", "</s>", "<unk>"
+    tokenizer.model_max_length = 512
+    return tokenizer
+
+
+def tiny_t5_encoder(vocab_size: int):
+    """A one-layer T5 encoder of T5-XXL's width (4096)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=T5_WIDTH, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0
     )
-    clip_tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
-    clip_tokenizer.bos_token, clip_tokenizer.eos_token, clip_tokenizer.pad_token = (
-        "<|startoftext|>",
-        "<|endoftext|>",
-        "<|endoftext|>",
-    )
-    clip_tokenizer.model_max_length = 77
-    clip = CLIPTextModel(CLIPTextConfig(**_clip_text_config(len(clip_tokenizer), hidden_size=768)))
-    t5_tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320)
-    t5_tokenizer.pad_token, t5_tokenizer.eos_token, t5_tokenizer.unk_token = "<pad>", "</s>", "<unk>"
-    t5_tokenizer.model_max_length = 512
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=4096,
-            d_ff=37,
-            d_kv=8,
-            num_layers=1,
-            num_heads=2,
-            decoder_start_token_id=0,
-        )
-    )
-    vae = AutoencoderKL(
+    return T5EncoderModel(config).eval()
+
+
+def tiny_vae(latent_channels: int = 4, scaling_factor: float = 1.0, shift_factor: float | None = None):
+    """A two-block AutoencoderKL (RGB, 8x and 16x channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(8, 16),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        scaling_factor=0.3611,  # FLUX.1's VAE values
-        shift_factor=0.1159,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
+
+
+def build_flux_pipeline(seed: int = 0):
+    """A diffusers FluxPipeline of tiny random parts that still takes real-width inputs: T5 tokens of width 4096
+    and a CLIP-L pooled vector of width 768, so real aligner outputs fit it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        **TINY_FLUX_TRANSFORMER, pooled_projection_dim=768, axes_dims_rope=[4, 6, 6], guidance_embeds=True
+    )
+    clip_tokenizer = bpe_clip_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(**_clip_text_config(len(clip_tokenizer), hidden_size=768)))
+    t5_tokenizer = bpe_t5_tokenizer()
+    t5 = tiny_t5_encoder(len(t5_tokenizer))
+    vae = tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE values
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=clip.eval(),
         tokenizer=clip_tokenizer,
-        text_encoder_2=t5.eval(),
+        text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
         transformer=transformer.eval(),
     )
@@ -327,9 +346,7 @@ def build_t5(path: str | Path, d_model: int = 32, seed: int = 0, corpus: list[st
 
     path = Path(path)
     captions = [shape_caption(c, s, b) for c in SHAPE_COLORS for s in SHAPE_KINDS for b in SHAPE_BACKGROUNDS]
-    tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320, corpus=(corpus or CORPUS) + captions)
-    tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token = "<pad>", "</s>", "<unk>"
-    tokenizer.model_max_length = 512
+    tokenizer = bpe_t5_tokenizer(corpus=(corpus or CORPUS) + captions)
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
@@ -404,9 +421,7 @@ def build_clip(path: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path = Path(path)
-    tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
-    tokenizer.model_max_length = 77
+    tokenizer = bpe_clip_tokenizer()
     config = CLIPConfig(
         text_config=_clip_text_config(len(tokenizer), hidden_size=32),
         vision_config=dict(

@@ -13,33 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .standin import train_bpe_tokenizer
+from .standin import (
+    T5_WIDTH,
+    TINY_FLUX_TRANSFORMER,
+    bpe_clip_tokenizer,
+    bpe_t5_tokenizer,
+    tiny_t5_encoder,
+    tiny_vae,
+)
 
-T5_WIDTH = 4096
 STANDIN_BASES = ("sd3", "chroma", "pixart")  # what build_base_pipeline makes (FLUX: standin.build_flux_pipeline)
-
-
-def _clip_tokenizer():
-    tokenizer = train_bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], vocab_size=320)
-    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
-    tokenizer.model_max_length = 77
-    return tokenizer
-
-
-def _t5_tokenizer():
-    tokenizer = train_bpe_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=320)
-    tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token = "<pad>", "</s>", "<unk>"
-    tokenizer.model_max_length = 512
-    return tokenizer
-
-
-def _t5_encoder(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=vocab_size, d_model=T5_WIDTH, d_ff=37, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0
-    )
-    return T5EncoderModel(config).eval()
 
 
 def _clip_with_projection(vocab_size: int, hidden_size: int):
@@ -61,24 +44,6 @@ def _clip_with_projection(vocab_size: int, hidden_size: int):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _vae(latent_channels: int = 4, scaling_factor: float = 1.0, shift_factor: float | None = None):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
-
-
 def build_sd3_pipeline(seed: int = 0):
     """A StableDiffusion3Pipeline (SD3/SD3.5 layout: CLIP-L, CLIP-G, T5-XXL widths; MMDiT with one block)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -97,16 +62,16 @@ def build_sd3_pipeline(seed: int = 0):
         out_channels=4,
         pos_embed_max_size=16,
     ).eval()
-    clip_l_tokenizer, clip_g_tokenizer, t5_tokenizer = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    clip_l_tokenizer, clip_g_tokenizer, t5_tokenizer = bpe_clip_tokenizer(), bpe_clip_tokenizer(), bpe_t5_tokenizer()
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3's
-        vae=_vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE values
+        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE values
         text_encoder=_clip_with_projection(len(clip_l_tokenizer), 768),
         tokenizer=clip_l_tokenizer,
         text_encoder_2=_clip_with_projection(len(clip_g_tokenizer), 1280),
         tokenizer_2=clip_g_tokenizer,
-        text_encoder_3=_t5_encoder(len(t5_tokenizer)),
+        text_encoder_3=tiny_t5_encoder(len(t5_tokenizer)),
         tokenizer_3=t5_tokenizer,
     )
 
@@ -117,23 +82,17 @@ def build_chroma_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_WIDTH,
+        **TINY_FLUX_TRANSFORMER,
         axes_dims_rope=(4, 6, 6),
         approximator_num_channels=16,
         approximator_hidden_dim=32,
         approximator_layers=1,
     ).eval()
-    tokenizer = _t5_tokenizer()
+    tokenizer = bpe_t5_tokenizer()
     return ChromaPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE, which Chroma uses
-        text_encoder=_t5_encoder(len(tokenizer)),
+        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE, which Chroma uses
+        text_encoder=tiny_t5_encoder(len(tokenizer)),
         tokenizer=tokenizer,
         transformer=transformer,
     )
@@ -156,11 +115,11 @@ def build_pixart_pipeline(seed: int = 0):
         caption_channels=T5_WIDTH,
         use_additional_conditions=False,
     ).eval()
-    tokenizer = _t5_tokenizer()
+    tokenizer = bpe_t5_tokenizer()
     return PixArtSigmaPipeline(
         tokenizer=tokenizer,
-        text_encoder=_t5_encoder(len(tokenizer)),
-        vae=_vae(scaling_factor=0.13025),
+        text_encoder=tiny_t5_encoder(len(tokenizer)),
+        vae=tiny_vae(scaling_factor=0.13025),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )

@@ -66,28 +66,42 @@ FLUX_DEV_SKETCH = {
 }
 
 
-def flux_config(state_dict) -> dict:
-    """The unet config this ComfyUI's model detection reads from a FLUX state dict (what UNETLoader builds)."""
+def detected_config(state_dict, is_it, what: str) -> dict:
+    """The unet config this ComfyUI's model detection reads from `state_dict` (what UNETLoader builds); exits with
+    `what` ("the X stand-in as Y") unless is_it(config)."""
     import comfy.model_detection
 
     config = comfy.model_detection.detect_unet_config(state_dict, "")
-    if config is None or config.get("image_model") != "flux":
-        raise SystemExit(f"this ComfyUI does not detect the FLUX.1-dev stand-in as FLUX: {config}")
+    if config is None or not is_it(config):
+        raise SystemExit(f"this ComfyUI does not detect {what}: {config}")
     return config
 
 
-def build_flux(dtype):
+def build_detected(model_class, sketch: dict, config_of, name: str, dtype):
+    """model_class built with the config detection gives `sketch` (key: shape), checked to detect to it again."""
     import comfy.ops
     import torch
+
+    config = config_of({key: torch.empty(shape, device="meta") for key, shape in sketch.items()})
+    model = model_class(**config, dtype=dtype, operations=comfy.ops.manual_cast)
+    detected = config_of(model.state_dict())
+    if detected != config:
+        raise SystemExit(f"the {name} stand-in would load with another config: built {config}, detected {detected}")
+    print(f"{name} stand-in config (this ComfyUI's detection): {config}", flush=True)
+    return model
+
+
+def flux_config(state_dict) -> dict:
+    """The unet config this ComfyUI's model detection reads from a FLUX state dict (what UNETLoader builds)."""
+    return detected_config(
+        state_dict, lambda config: config.get("image_model") == "flux", "the FLUX.1-dev stand-in as FLUX"
+    )
+
+
+def build_flux(dtype):
     from comfy.ldm.flux.model import Flux
 
-    config = flux_config({key: torch.empty(shape, device="meta") for key, shape in FLUX_DEV_SKETCH.items()})
-    model = Flux(**config, dtype=dtype, operations=comfy.ops.manual_cast)
-    detected = flux_config(model.state_dict())
-    if detected != config:
-        raise SystemExit(f"the FLUX stand-in would load with another config: built {config}, detected {detected}")
-    print(f"FLUX stand-in config (this ComfyUI's detection): {config}", flush=True)
-    return model
+    return build_detected(Flux, FLUX_DEV_SKETCH, flux_config, "FLUX", dtype)
 
 
 # An SD3.5 Large checkpoint's MMDiT tensors as detection reads them, at depth 2 (hidden 128) instead of 38.
@@ -106,26 +120,19 @@ SD35_SKETCH = {
 
 
 def mmdit_config(state_dict) -> dict:
-    import comfy.model_detection
-
-    config = comfy.model_detection.detect_unet_config(state_dict, "")
-    if config is None or config.get("context_embedder_config") is None or config.get("qk_norm") != "rms":
-        raise SystemExit(f"this ComfyUI does not detect the SD3.5 stand-in as an SD3.5 MMDiT: {config}")
-    return config
+    return detected_config(
+        state_dict,
+        lambda config: config.get("context_embedder_config") is not None and config.get("qk_norm") == "rms",
+        "the SD3.5 stand-in as an SD3.5 MMDiT",
+    )
 
 
 def build_sd35(dtype):
     """{model.diffusion_model.*: MMDiT, first_stage_model.*: VAE}, the layout CheckpointLoaderSimple reads."""
-    import comfy.ops
     import torch
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
-    config = mmdit_config({key: torch.empty(shape, device="meta") for key, shape in SD35_SKETCH.items()})
-    model = OpenAISignatureMMDITWrapper(**config, dtype=dtype, operations=comfy.ops.manual_cast)
-    detected = mmdit_config(model.state_dict())
-    if detected != config:
-        raise SystemExit(f"the SD3.5 stand-in would load with another config: built {config}, detected {detected}")
-    print(f"SD3.5 stand-in config (this ComfyUI's detection): {config}", flush=True)
+    model = build_detected(OpenAISignatureMMDITWrapper, SD35_SKETCH, mmdit_config, "SD3.5", dtype)
     return torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"diffusion_model": model})})
 
 
@@ -142,26 +149,15 @@ CHROMA_SKETCH = {
 
 
 def chroma_config(state_dict) -> dict:
-    import comfy.model_detection
-
-    config = comfy.model_detection.detect_unet_config(state_dict, "")
-    if config is None or config.get("image_model") != "chroma":
-        raise SystemExit(f"this ComfyUI does not detect the Chroma stand-in as Chroma: {config}")
-    return config
+    return detected_config(
+        state_dict, lambda config: config.get("image_model") == "chroma", "the Chroma stand-in as Chroma"
+    )
 
 
 def build_chroma(dtype):
-    import comfy.ops
-    import torch
     from comfy.ldm.chroma.model import Chroma
 
-    config = chroma_config({key: torch.empty(shape, device="meta") for key, shape in CHROMA_SKETCH.items()})
-    model = Chroma(**config, dtype=dtype, operations=comfy.ops.manual_cast)
-    detected = chroma_config(model.state_dict())
-    if detected != config:
-        raise SystemExit(f"the Chroma stand-in would load with another config: built {config}, detected {detected}")
-    print(f"Chroma stand-in config (this ComfyUI's detection): {config}", flush=True)
-    return model
+    return build_detected(Chroma, CHROMA_SKETCH, chroma_config, "Chroma", dtype)
 
 
 def build_vae():
