@@ -218,6 +218,15 @@ class ManagedModel:
     movable: bool = True
 
 
+def require_model(value: Any, wanted: type, input_name: str, loader: str) -> ManagedModel:
+    """`value` if it is a loader's output holding a `wanted` model; else one line naming the node to connect (a
+    wrong object reaches an input only through a hand-edited workflow or another pack's node)."""
+    if not isinstance(value, ManagedModel) or not isinstance(value.model, wanted):
+        held = type(value.model if isinstance(value, ManagedModel) else value).__name__
+        raise ThinkDiffError(f"'{input_name}' got a {held}, not what {loader} outputs: connect {loader} to it.")
+    return value
+
+
 def manage(model: Any, module: torch.nn.Module, load_device: torch.device, movable: bool = True) -> ManagedModel:
     """Put a model loaded on the offload device under management; it goes to `load_device` only while in use.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from thinkdiff_core import GenerationSettings, encode_with_vlm
 from thinkdiff_core.images import pil_images_from_tensor
 from thinkdiff_core.prompts import LAYOUTS, chat_messages, layout_content
+from thinkdiff_core.vlm_loader import VlmBundle
 
 from . import comfy_adapter as adapter
 
@@ -54,6 +55,7 @@ class ThinkDiffVLMEncode:
         }
 
     def encode(self, vlm, prompt, layout, num_tokens, seed, temperature, top_p, greedy, keep_model_loaded, **images):
+        adapter.require_model(vlm, VlmBundle, "vlm", "ThinkDiff VLM Loader")
         pictures = [
             pil
             for key in sorted(images, key=_image_number)

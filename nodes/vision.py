@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from thinkdiff_core.dtypes import DTYPE_CHOICES
 from thinkdiff_core.vision import TOKEN_GRIDS, encode_vision_features, load_vision_encoder
 
@@ -72,6 +74,7 @@ class ThinkDiffVisionEncode:
         }
 
     def encode(self, vision, image_1, token_grid, **more_images):
+        adapter.require_model(vision, torch.nn.Module, "vision", "ThinkDiff Vision Loader (CLIP)")
         images = [image_1] + [more_images[key] for key in sorted(more_images) if more_images[key] is not None]
         adapter.load_to_device(vision)
         try:

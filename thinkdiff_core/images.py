@@ -11,6 +11,7 @@ from .errors import PromptError
 # Images larger than this are scaled down (aspect kept) before the processor sees them: Qwen2-VL's own limit is
 # 12.8 MP, whose vision tokens would not fit most GPUs. 1280 * 28 * 28 pixels is about 1280 vision tokens.
 DEFAULT_MAX_IMAGE_PIXELS = 1280 * 28 * 28
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses a longer side over 200 times the shorter
 
 
 def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -23,6 +24,12 @@ def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8), mode="L")
     image = image.convert("RGB")
+    long, short = max(image.size), min(image.size)
+    if long > MAX_ASPECT_RATIO * short:
+        raise PromptError(
+            f"an image of {image.width}x{image.height} pixels is {long / short:.0f}:1; Qwen2-VL takes at most "
+            f"{MAX_ASPECT_RATIO}:1. Crop or pad it to a less extreme shape."
+        )
     pixels = image.width * image.height
     if pixels <= max_pixels:
         return image
@@ -36,6 +43,11 @@ def pil_images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
 
     Greyscale (1 channel) and RGBA (4 channels, alpha dropped onto white) are accepted.
     """
+    if not isinstance(images, torch.Tensor):
+        raise PromptError(
+            f"an image input got a {type(images).__name__}, not an IMAGE tensor: connect Load Image (or another node's "
+            f"IMAGE output)."
+        )
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
@@ -48,6 +60,15 @@ def pil_images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
             f"the image holds {bad} NaN/inf value(s) of {images.numel()}; the node that made it failed (a VAE decode "
             f"in float16 often does). Fix or replace that node's output."
         )
+    if images.dtype == torch.bool:
+        images = images.float()
+    elif not images.is_floating_point():  # 0..255 integers (a PIL-style array), not ComfyUI's 0..1 floats
+        if images.dtype != torch.uint8 and (int(images.min()) < 0 or int(images.max()) > 255):
+            raise PromptError(
+                f"the image is of dtype {images.dtype} with values {int(images.min())}..{int(images.max())}; an IMAGE "
+                f"holds floats in 0..1 (or 0..255 integers). Convert it with the node that made it."
+            )
+        images = images.float() / 255
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     out = []
     for array in pixels:

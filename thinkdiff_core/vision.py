@@ -128,7 +128,7 @@ def load_vision_encoder(
         )
     from safetensors import SafetensorError
 
-    from .vlm_loader import check_loading_info, describe_keys, read_config_json
+    from .vlm_loader import CONFIG_VALIDATION_ERRORS, check_loading_info, describe_keys, read_config_json
 
     transformers = import_transformers()
     config = read_config_json(path)
@@ -150,9 +150,16 @@ def load_vision_encoder(
                     f"'{path}' lacks {len(missing)} tensor(s) of BLIP-2's vision tower ({describe_keys(missing)}): the "
                     f"download is incomplete. Fetch every *.safetensors file of the BLIP-2 repository."
                 )
-            if unexpected:
-                logger.warning("ignoring %d unexpected vision keys in %s", len(unexpected), path.name)
-    except (RuntimeError, ValueError, OSError, SafetensorError, TypeError) as error:
+            check_loading_info({"unexpected_keys": unexpected}, path, "BLIP-2's vision tower")  # layers cut off
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        SafetensorError,
+        TypeError,
+        KeyError,
+        *CONFIG_VALIDATION_ERRORS,
+    ) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
@@ -322,9 +329,11 @@ def _read_prefixed_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors whose key starts with `prefix` (prefix removed), read from a folder's safetensors (sharded or not)."""
     from safetensors import safe_open
 
+    from .vlm_loader import read_weight_index
+
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_weight_index(index)
         files = sorted({name for key, name in weight_map.items() if key.startswith(prefix)})
     else:
         files = [file.name for file in sorted(path.glob("*.safetensors"))]

@@ -77,6 +77,28 @@ class VlmOutOfMemoryError(ThinkDiffError, _OUT_OF_MEMORY):
     """
 
 
+def refuse_control_tokens(vlm: VlmBundle, messages: list[dict]) -> None:
+    """Text with the tokenizer's own control tokens (<|im_end|>, <|im_start|>, <|image_pad|>, ...) would end the
+    user's turn early, open a new one, or claim a picture that is not there: refused, naming the token."""
+    tokenizer = vlm.processor.tokenizer
+    special = [token for token in getattr(tokenizer, "all_special_tokens", []) if len(token) > 2]
+    special += [
+        str(token)
+        for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+        if getattr(token, "special", False)
+    ]
+    special = sorted(set(special), key=len, reverse=True)
+    for message in messages:
+        for part in message["content"]:
+            text = part.get("text") if part.get("type") == "text" else None
+            found = next((token for token in special if text and token in text), None)
+            if found:
+                raise PromptError(
+                    f"the prompt holds the model's control token {found!r}, which would change the conversation's turns "
+                    f"or claim a picture: remove it (pictures go in the image inputs, placed with <image>)."
+                )
+
+
 def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_vision_id: bool = False) -> dict:
     """Chat template + processor for a batch of conversations; images are fitted to the pixel budget.
 
@@ -85,6 +107,7 @@ def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_visi
     """
     texts, images = [], []
     for messages in conversations:
+        refuse_control_tokens(vlm, messages)
         texts.append(
             vlm.processor.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id

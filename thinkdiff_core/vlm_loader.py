@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+try:  # transformers 5.x validates configs with huggingface_hub's strict dataclasses, whose errors are no ValueError
+    from huggingface_hub.errors import StrictDataclassError
+
+    CONFIG_VALIDATION_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
+except ImportError:  # an older huggingface_hub (transformers 4.x): configs raise ValueError/TypeError
+    CONFIG_VALIDATION_ERRORS = ()
 QUANTIZATIONS = ("none", "8-bit", "4-bit")
 ENGINES = ("auto", "fast", "generate")  # decode engines, see vlm.encode_with_vlm
 _VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -101,18 +108,14 @@ def load_vlm(
         config = transformers.AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (ValueError, OSError, KeyError, TypeError) as error:
+    except (ValueError, OSError, KeyError, TypeError, *CONFIG_VALIDATION_ERRORS) as error:
         raise ModelFolderError(
             f"'{path}/config.json' is not a config transformers can read ({_first_line(error)}). Download the "
             f"folder again, or update "
             f"transformers if the model is newer than it."
         ) from error
     vlm_class = model_class(transformers, config.model_type)
-    backends = (
-        ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(attn_implementation) :]
-        if attn_implementation in ATTENTION_BACKENDS
-        else (attn_implementation, "sdpa", "eager")
-    )
+    backends = (attn_implementation, "sdpa", "eager")  # the choice, then sdpa (flash-attn missing must not mean eager)
     last_error: Exception | None = None
     for backend in dict.fromkeys(backends):
         try:
@@ -141,7 +144,7 @@ def load_vlm(
             last_error = error
         except torch.OutOfMemoryError:
             raise
-        except (RuntimeError, OSError, SafetensorError) as error:  # a size mismatch, a truncated or unreadable file
+        except (RuntimeError, OSError, SafetensorError, TypeError) as error:  # a size mismatch, a bad file or config
             raise _load_error(path, error) from error
     else:
         raise MissingDependencyError(f"no attention backend of {backends} could load '{path.name}': {last_error}")
@@ -212,20 +215,7 @@ def check_model_folder(path: str | Path) -> Path:
             f"'{path}' has a config.json but no weights (*.safetensors). The download is incomplete: fetch the weight files too."
         )
     for index in path.glob("*.safetensors.index.json"):
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as error:
-            raise ModelFolderError(
-                f"'{path}/{index.name}' is not a readable weight index ({_first_line(error)}). Download that file again."
-            ) from error
-        outside = [
-            name for name in shards if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
-        ]
-        if outside:
-            raise ModelFolderError(
-                f"'{path}/{index.name}' names weight files outside its folder ({outside[:3]}); a real index names "
-                f"files beside it. Download that file again from the model's repository."
-            )
+        shards = sorted(set(read_weight_index(index).values()))
         absent = [name for name in shards if not (path / name).is_file()]
         if absent:
             raise ModelFolderError(
@@ -235,6 +225,30 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
+def read_weight_index(index: Path) -> dict[str, str]:
+    """A *.safetensors.index.json's weight_map (tensor name -> file name), refusing a damaged one and one that names
+    files outside its own folder (a real index names the shards beside it)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as error:
+        raise ModelFolderError(
+            f"'{index}' is not a readable weight index ({_first_line(error)}). Download that file again."
+        ) from error
+    outside = sorted(
+        str(name) for name in names if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+    )
+    if outside:
+        raise ModelFolderError(
+            f"'{index}' names weight files outside its folder ({outside[:3]}); a real index names files beside it. "
+            f"Download that file again from the model's repository."
+        )
+    return weight_map
+
+
+# A numbered transformer layer in a tensor name ('model.layers.27.', 'visual.blocks.3.', BLIP-2's 'encoder.layers.0.', T5's
+# 'encoder.block.5.').
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|blocks|block)\.\d+\.")
 # Groups of state-dict keys, by the name of one of their dotted components, for messages: the first match names the part.
 _KEY_PARTS = (("visual", "the vision tower"), ("vision_model", "the vision tower"), ("lm_head", "the output layer"))
 
@@ -267,6 +281,13 @@ def check_loading_info(info: dict, path: Path, what: str) -> None:
             f"the weights in '{path}' {problem} {len(keys)} tensor(s) of {what}{f' ({part})' if part else ''}: "
             f"{describe_keys(keys)}{other}. The folder is incomplete or holds another model's weights: download the "
             f"whole repository again (every *.safetensors file) into that folder."
+        )
+    extra_layers = sorted({match.group(0) for key in unexpected if (match := _LAYER_KEY.search(key))})
+    if extra_layers:
+        raise ModelFolderError(
+            f"the weights in '{path}' hold layers that {what}'s config.json does not have ({', '.join(extra_layers[:3])}"
+            f"{' ...' if len(extra_layers) > 3 else ''}: {describe_keys(unexpected)}): config.json and the weights are of "
+            f"different models, and the model would load with layers cut off. Download config.json again with the weights."
         )
     if unexpected:
         logger.warning(
@@ -324,6 +345,11 @@ def _load_error(path: Path, error: BaseException) -> ThinkDiffError:
         return MissingDependencyError(
             f"loading '{path.name}' needs a package that is missing or too old ({_first_line(error)}). Install it into "
             f"this Python (the message names it), then restart."
+        )
+    if isinstance(error, TypeError):  # a config value of the wrong type reaches a layer's constructor (4.x)
+        return ModelFolderError(
+            f"the model in '{path}' could not be built from its config.json ({_first_line(error)}): a value there has "
+            f"the wrong type. Download config.json again from the model's repository."
         )
     if isinstance(error, OSError) and any(word in text for word in _DISK_WORDS):
         return ModelFolderError(
