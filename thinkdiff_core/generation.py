@@ -38,8 +38,12 @@ class GenerationSettings:
     seed: int | None = 42
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be at least 1, got {self.num_tokens}")
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be a whole number of at least 1, got {self.num_tokens!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1 (ComfyUI's range), got {self.seed!r}")
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
