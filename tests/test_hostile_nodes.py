@@ -115,3 +115,12 @@ def test_blip2_folders_that_do_not_fit_are_refused(tmp_path):
     (escape / "model.safetensors.index.json").write_text(json.dumps({"foo": 1}))
     with pytest.raises(ModelFolderError, match="not a readable weight index.*KeyError"):
         load_vision_encoder(escape, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("field, value", [("num_tokens", 3.0), ("num_tokens", True), ("seed", 2**64), ("seed", -1)])
+def test_generation_settings_refuse_values_of_the_wrong_type_or_range(field, value):
+    """A float count reached transformers as 'min_length ... 192.0', a seed past 2**64 torch as an overflow."""
+    from thinkdiff_core.generation import GenerationSettings
+
+    with pytest.raises(ValueError, match=f"{field} must be a whole number"):
+        GenerationSettings(**{field: value})
