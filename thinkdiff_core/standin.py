@@ -12,9 +12,16 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from .aligner import AlignerSpec, ThinkDiffAligner
+from .standin_pictures import (  # noqa: F401 (the pictures are part of this module's interface)
+    SHAPE_BACKGROUNDS,
+    SHAPE_COLORS,
+    SHAPE_KINDS,
+    draw_shape_image,
+    draw_shape_picture,
+    shape_caption,
+)
 
 STANDIN_LABEL = "STAND-IN RUN: tiny random-weight models built locally; the text is gibberish and the image is noise"
 
@@ -297,44 +304,6 @@ def build_flux_pipeline(seed: int = 0):
         tokenizer_2=t5_tokenizer,
         transformer=transformer.eval(),
     )
-
-
-def draw_shape_image(color: str, shape: str = "square", size: int = 96) -> Image.Image:
-    """A plain picture of one coloured shape on white: the demo's and tests' in-context examples."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    box = (size // 5, size // 5, size - size // 5, size - size // 5)
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    else:
-        draw.rectangle(box, fill=color)
-    return image
-
-
-# --- training stand-ins (train/make_tiny_data.py and the training tests) -----------------------------------------
-
-SHAPE_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "pink"]
-SHAPE_KINDS = ["square", "circle", "triangle"]
-SHAPE_BACKGROUNDS = ["white", "grey", "lightblue"]
-
-
-def shape_caption(color: str, shape: str, background: str = "white") -> str:
-    """The caption of a `draw_shape_picture`, in the style of a short image description."""
-    return f"A {color} {shape} in the middle of a {background} background."
-
-
-def draw_shape_picture(color: str, shape: str = "square", background: str = "white", size: int = 64) -> Image.Image:
-    """One coloured square, circle or triangle on a plain background (training data for the tiny runs)."""
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    low, high = size // 5, size - size // 5
-    if shape == "circle":
-        draw.ellipse((low, low, high, high), fill=color)
-    elif shape == "triangle":
-        draw.polygon([(size // 2, low), (high, high), (low, high)], fill=color)
-    else:
-        draw.rectangle((low, low, high, high), fill=color)
-    return image
 
 
 def build_t5(path: str | Path, d_model: int = 32, seed: int = 0, corpus: list[str] | None = None) -> Path:
