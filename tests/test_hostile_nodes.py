@@ -124,3 +124,33 @@ def test_generation_settings_refuse_values_of_the_wrong_type_or_range(field, val
 
     with pytest.raises(ValueError, match=f"{field} must be a whole number"):
         GenerationSettings(**{field: value})
+
+
+def test_an_aligner_of_another_vlm_of_the_same_width_is_refused(vlm_handle, tmp_path):
+    """Qwen2.5-VL-7B is 3584 wide like Qwen2-VL-7B: the width check passes, the hidden states are another model's.
+    The aligner's header names the VLM architecture it was trained on (the released one, without a header: Qwen2-VL)."""
+    from thinkdiff_core import save_aligner
+    from thinkdiff_core.aligner import AlignerSpec, ThinkDiffAligner
+    from thinkdiff_core.checkpoints import load_aligner, spec_from_state_dict
+
+    state = {
+        "linear_in.weight": torch.empty(4096, 3584),
+        "linear_in.bias": torch.empty(4096),
+        "linear_out.weight": torch.empty(4096, 4096),
+        "linear_out.bias": torch.empty(4096),
+        "norm.weight": torch.empty(4096),
+    }
+    assert spec_from_state_dict(state, {}, file_name="thinkdiff_lvlm.pth").vlm_model_type == "qwen2_vl"
+
+    features = _encode(vlm_handle, "a cat")["result"][0]
+    assert features.model_type == "qwen2_vl"
+    other = ThinkDiffAligner(AlignerSpec("lvlm", 64, 4096, source_model="Qwen2.5-VL-7B", vlm_model_type="qwen2_5_vl"))
+    path = save_aligner(other, tmp_path / "other.safetensors")
+    aligner = load_aligner(path)
+    assert aligner.spec.vlm_model_type == "qwen2_5_vl"
+    from thinkdiff_core.conditioning_checks import check_features_fit
+
+    with pytest.raises(ThinkDiffError, match="trained on a 'qwen2_5_vl' VLM.*from a 'qwen2_vl' one.*same width"):
+        check_features_fit(aligner, features)
+    same = load_aligner(save_aligner(ThinkDiffAligner(AlignerSpec("lvlm", 64, 4096)), tmp_path / "own.safetensors"))
+    check_features_fit(same, features)  # unknown architecture (the pack's own training): width alone decides

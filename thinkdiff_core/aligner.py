@@ -28,6 +28,8 @@ class AlignerSpec:
     output_dim: T5 encoder width the aligner maps into (4096 for T5-XXL, which FLUX.1 uses).
     source_model: the VLM or vision encoder the aligner was trained on, for messages and metadata.
     num_tokens: how many VLM tokens to generate at inference by default (128 in the recipe).
+    vlm_model_type: the transformers model_type of the VLM it was trained on ("qwen2_vl"; "" when unknown): features
+        of another architecture of the same width (Qwen2.5-VL-7B is also 3584 wide) are refused.
     """
 
     variant: str
@@ -35,6 +37,7 @@ class AlignerSpec:
     output_dim: int = T5_XXL_WIDTH
     source_model: str = ""
     num_tokens: int = 128
+    vlm_model_type: str = ""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -24,7 +24,9 @@ from .errors import CheckpointError, UnsafeCheckpointError
 from .files import same_file, write_atomic
 
 FORMAT_VERSION = 1
-METADATA_KEYS = ("format_version", "variant", "input_dim", "output_dim", "source_model", "num_tokens")
+METADATA_KEYS = (
+    "format_version", "variant", "input_dim", "output_dim", "source_model", "num_tokens", "vlm_model_type",
+)  # fmt: skip
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 # Official key -> our key. Index 1 of the official nn.Sequential is the GELU, which has no weights.
@@ -115,6 +117,7 @@ def spec_from_state_dict(
             output_dim=output_dim,
             source_model=metadata.get("source_model", ""),
             num_tokens=int(metadata.get("num_tokens", 128)),
+            vlm_model_type=metadata.get("vlm_model_type", ""),
         )
     known_variant, source_model = _KNOWN_WIDTHS.get(input_dim, (None, ""))
     if variant is None and known_variant is None:
@@ -122,8 +125,14 @@ def spec_from_state_dict(
             f"'{file_name}' has no ThinkDiff metadata and an input width of {input_dim}, which matches no released "
             f"aligner (3584 = lvlm for Qwen2-VL-7B, 1408 = clip for BLIP-2). Pass variant='lvlm' or 'clip' to load it."
         )
+    variant = variant or known_variant
     return AlignerSpec(
-        variant=variant or known_variant, input_dim=input_dim, output_dim=output_dim, source_model=source_model
+        variant=variant,
+        input_dim=input_dim,
+        output_dim=output_dim,
+        source_model=source_model,
+        # the released LVLM aligner was trained on Qwen2-VL-7B-Instruct (recipe section 1)
+        vlm_model_type="qwen2_vl" if variant == known_variant == "lvlm" else "",
     )
 
 

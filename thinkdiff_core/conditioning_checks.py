@@ -14,7 +14,9 @@ from .errors import AlignerMismatchError, FeatureError
 from .vlm import VlmFeatures
 
 
-def check_aligner_fits(aligner: ThinkDiffAligner, width: int, variant: str, source: str = "") -> None:
+def check_aligner_fits(
+    aligner: ThinkDiffAligner, width: int, variant: str, source: str = "", model_type: str = ""
+) -> None:
     """Refuse features the aligner was not made for, saying which aligner to load instead."""
     spec = aligner.spec
     if spec.variant != variant:
@@ -24,6 +26,14 @@ def check_aligner_fits(aligner: ThinkDiffAligner, width: int, variant: str, sour
         raise AlignerMismatchError(
             f"this is a '{spec.variant}' aligner, but the features come from "
             f"{'a VLM' if variant == 'lvlm' else 'a vision encoder'}{f' ({source})' if source else ''}. Load {wanted}."
+        )
+    trained_type, given_type = spec.vlm_model_type, model_type
+    if variant == "lvlm" and trained_type and given_type and trained_type != given_type:
+        raise AlignerMismatchError(
+            f"the aligner was trained on a '{trained_type}' VLM{f' ({spec.source_model})' if spec.source_model else ''}, "
+            f"but the features come from a '{given_type}' one{f' ({source})' if source else ''}: same width, other "
+            f"hidden states. Load the VLM it was trained on (Qwen2-VL-7B-Instruct for the released aligner), or an "
+            f"aligner trained for this VLM."
         )
     if spec.input_dim != width:
         trained_on = f" (trained on {spec.source_model})" if spec.source_model else ""
@@ -83,7 +93,7 @@ def check_features_fit(aligner: ThinkDiffAligner, features: VlmFeatures) -> None
                 f"{hidden.shape[1]} tokens (each row needs 1 to {hidden.shape[1]} valid tokens): connect the output of "
                 f"ThinkDiff VLM Encode unchanged."
             )
-    check_aligner_fits(aligner, hidden.shape[-1], variant, source)
+    check_aligner_fits(aligner, hidden.shape[-1], variant, source, getattr(features, "model_type", ""))
     overflow = VLM_OVERFLOW if variant == "lvlm" else VLM_OVERFLOW.replace("the VLM", "the vision encoder")
     check_finite(features.hidden_states, f"the {variant} features", overflow)
 

@@ -35,7 +35,7 @@ class VlmFeatures:
     lengths: (batch,) number of valid vectors per row (num_tokens unless generation stopped at EOS).
     prompt_ids: (batch, prompt_tokens) the prompt as the VLM saw it (left-padded in a batch).
     text: the generated text of each row, special tokens removed.
-    source_model: name of the VLM folder, for checks against the aligner.
+    source_model: name of the VLM folder, for checks against the aligner (model_type: its architecture, too).
     prompt_states: (batch, prompt_tokens, vlm_hidden_size) the prompt's own states, only if asked for (an ablation).
     """
 
@@ -46,6 +46,7 @@ class VlmFeatures:
     text: list[str]
     source_model: str = ""
     prompt_states: torch.Tensor | None = field(default=None, repr=False)
+    model_type: str = ""  # the VLM's transformers model_type ("qwen2_vl"), checked against the aligner's
     variant = "lvlm"  # class constant, not a field: which aligner variant these features feed
 
     @property
@@ -208,6 +209,7 @@ def encode_with_vlm(
         text=vlm.processor.batch_decode(generated_ids, skip_special_tokens=True),
         source_model=vlm.source_model,
         prompt_states=capture.prompt_states,
+        model_type=str(getattr(vlm.model.config, "model_type", "") or ""),
     )
 
 
