@@ -18,9 +18,9 @@ and every other option are kept from the base. An `attention_mask` in the base i
 tokens + image), with image = the reference image's latent tokens): zero bias for them), never dropped. Redux's own
 tokens (StyleModelApply) are appended to the T5 tokens in the cond and cannot be told apart from them: with such a
 joint mask, replace and text_tokens (which would drop them) are refused; without one (strength_type multiply at 1.0
-makes none) they are not detectable, so apply StyleModelApply after this node. ComfyUI's own Chroma/PixArt encoders send no mask, and none is
-built here for them (0.3.64's FLUX/Chroma code would read a token mask as an image-shaped one); the diffusers
-pipelines that need one (PixArt-Sigma, Chroma) get all-ones from `to_diffusers_embeds`.
+makes none) they are not detectable, so apply StyleModelApply after this node. ComfyUI's own Chroma/PixArt encoders
+send no mask, and none is built here for them (0.3.64's FLUX/Chroma code would read a token mask as an image-shaped
+one); the diffusers pipelines that need one (PixArt-Sigma, Chroma) get all-ones from `to_diffusers_embeds`.
 
 Every input is checked before the aligner is loaded (check_features_fit, check_inputs): one ThinkDiffError line
 naming the cause and the fix for NaN/inf, wrong shapes, widths, batches, dtypes, 'meta' tensors, masks, guidance,
@@ -220,7 +220,8 @@ def check_inputs(
                     f"features have batch {batch} but the base conditioning has batch {cond.shape[0]}; use one of "
                     f"each or equal batches."
                 )
-        joint = any(_is_tensor_of_dim(options.get("attention_mask"), 3) for _, options in base)
+        masks = [options.get("attention_mask") for _, options in base]
+        joint = any(isinstance(mask, torch.Tensor) and mask.dim() == 3 for mask in masks)
         if joint and (mode == "replace" or text_tokens > 0):
             raise FeatureError(
                 f"the base conditioning carries a joint text+image attention mask, as StyleModelApply (Redux) leaves it: "
@@ -229,10 +230,6 @@ def check_inputs(
                 f"ThinkDiff Conditioning instead, or use mode append or prepend with text_tokens 0."
             )
     return base, resolve_family(family, base, width)
-
-
-def _is_tensor_of_dim(value: object, dim: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == dim
 
 
 def build_conditioning(

@@ -47,6 +47,13 @@ class ChangedSettingsError(ThinkDiffError):
     """A run or an extraction is continued with settings that change its result."""
 
 
+def first_line(error: BaseException) -> str:
+    """'Type: the first line of the message' (at most 200 characters): how a library's error is quoted inside a
+    one-line ThinkDiffError."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 def library_error_message(error: BaseException, doing: str = "") -> str:
     """One line naming the cause and a fix for an error a library raised (OSError and its disk-full and permission
     cases, a damaged JSON/YAML/safetensors file, a library's ValueError): what the command lines print instead of a

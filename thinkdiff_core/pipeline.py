@@ -32,7 +32,7 @@ from PIL import Image
 
 from .checkpoints import load_aligner
 from .conditioning import DEFAULT_GUIDANCE, align_features, build_conditioning
-from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError
+from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError, first_line
 from .flux import BASES, DEFAULT_BASE, Base, empty_prompt_conditioning, render, text_conditioning
 from .generation import GenerationSettings
 from .prompts import chat_messages
@@ -87,7 +87,7 @@ def resolve_model_folder(source: str | Path, what: str, allow_download: bool = F
             return Path(hub.snapshot_download(source))
         except Exception as error:  # no network, no such repo, a gated repo, a full disk
             raise ModelFolderError(
-                f"downloading {what} '{source}' failed ({type(error).__name__}: {str(error).strip()[:200]}). Check the "
+                f"downloading {what} '{source}' failed ({first_line(error)}). Check the "
                 f"repo id, your network and Hugging Face login (gated models need one), or download it yourself."
             ) from error
     raise ModelFolderError(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ModelFolderError, PromptError
+from .errors import ModelFolderError, PromptError, first_line
 from .files import write_atomic
 from .hf_compat import dtype_kwargs, import_transformers
 from .images import pil_images_from_tensor
@@ -162,9 +162,8 @@ def load_vision_encoder(
     ) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ModelFolderError(
-            f"the vision tower weights in '{path}' could not be loaded ({type(error).__name__}: {first}): a weight "
+            f"the vision tower weights in '{path}' could not be loaded ({first_line(error)}): a weight "
             f"file is truncated, corrupt or of another model (shapes that do not fit config.json). Download the "
             f"BLIP-2 repository again."
         ) from error
@@ -250,9 +249,8 @@ def _load_vision_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
             model = transformers.Blip2VisionModel(config)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a size mismatch
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ModelFolderError(
-            f"'{path.name}' does not hold the vision tower its header describes ({type(error).__name__}: {first}). "
+            f"'{path.name}' does not hold the vision tower its header describes ({first_line(error)}). "
             f"Extract it again with 'python -m thinkdiff_core extract-vision'."
         ) from error
     if missing or unexpected:

@@ -15,7 +15,7 @@ import torch
 
 from . import fast_path
 from .capture import FinalNormCapture
-from .errors import PromptError, ThinkDiffError
+from .errors import PromptError, ThinkDiffError, first_line
 from .fast_decode import unsupported_reason
 from .generation import GenerationSettings, TokenChooser, generate_kwargs
 from .images import fit_pixel_budget
@@ -78,17 +78,20 @@ class VlmOutOfMemoryError(ThinkDiffError, _OUT_OF_MEMORY):
     """
 
 
-def refuse_control_tokens(vlm: VlmBundle, messages: list[dict]) -> None:
-    """Text with the tokenizer's own control tokens (<|im_end|>, <|im_start|>, <|image_pad|>, ...) would end the
-    user's turn early, open a new one, or claim a picture that is not there: refused, naming the token."""
-    tokenizer = vlm.processor.tokenizer
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's own control tokens (<|im_end|>, <|im_start|>, <|image_pad|>, ...), longest first."""
     special = [token for token in getattr(tokenizer, "all_special_tokens", []) if len(token) > 2]
     special += [
         str(token)
         for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
         if getattr(token, "special", False)
     ]
-    special = sorted(set(special), key=len, reverse=True)
+    return sorted(set(special), key=len, reverse=True)
+
+
+def refuse_control_tokens(special: list[str], messages: list[dict]) -> None:
+    """Text holding one of `special` (control_tokens) would end the user's turn early, open a new one, or claim a
+    picture that is not there: refused, naming the token."""
     for message in messages:
         for part in message["content"]:
             text = part.get("text") if part.get("type") == "text" else None
@@ -107,8 +110,9 @@ def prepare_inputs(vlm: VlmBundle, conversations: Sequence[list[dict]], add_visi
     inference and the training precompute do not (recipe section 6).
     """
     texts, images = [], []
+    special = control_tokens(vlm.processor.tokenizer)  # once per batch, not per conversation
     for messages in conversations:
-        refuse_control_tokens(vlm, messages)
+        refuse_control_tokens(special, messages)
         texts.append(
             vlm.processor.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id
@@ -198,7 +202,7 @@ def encode_with_vlm(
             f"out of memory while the VLM read {prompt_ids.shape[1]} prompt tokens ({images} image(s)) and generated "
             f"{settings.num_tokens} tokens on {device}. Use fewer or smaller images, fewer tokens, or free memory "
             f"first (keep_model_loaded off, other models unloaded); or load the VLM 8-bit or 4-bit (quantization on "
-            f"the loader, needs bitsandbytes), or on cpu. ({str(error).splitlines()[0]})"
+            f"the loader, needs bitsandbytes), or on cpu. ({first_line(error)})"
         ) from error
 
     return VlmFeatures(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError
+from .errors import MissingDependencyError, ModelFolderError, ThinkDiffError, first_line
 from .fast_decode import FastDecodeOptions, FastDecoder
 from .hf_compat import dtype_kwargs, final_norm, import_transformers, model_class
 from .images import DEFAULT_MAX_IMAGE_PIXELS
@@ -110,9 +110,8 @@ def load_vlm(
         )
     except (ValueError, OSError, KeyError, TypeError, *CONFIG_VALIDATION_ERRORS) as error:
         raise ModelFolderError(
-            f"'{path}/config.json' is not a config transformers can read ({_first_line(error)}). Download the "
-            f"folder again, or update "
-            f"transformers if the model is newer than it."
+            f"'{path}/config.json' is not a config transformers can read ({first_line(error)}). Download the "
+            f"folder again, or update transformers if the model is newer than it."
         ) from error
     vlm_class = model_class(transformers, config.model_type)
     backends = (attn_implementation, "sdpa", "eager")  # the choice, then sdpa (flash-attn missing must not mean eager)
@@ -155,7 +154,7 @@ def load_vlm(
         )
     except (ValueError, OSError, KeyError, TypeError) as error:
         raise ModelFolderError(
-            f"the processor files in '{path}' could not be read ({_first_line(error)}): tokenizer or preprocessor "
+            f"the processor files in '{path}' could not be read ({first_line(error)}): tokenizer or preprocessor "
             f"files are missing or damaged. Download the whole repository again."
         ) from error
     if not quantized:  # bitsandbytes weights are placed by device_map and cannot be moved
@@ -233,7 +232,7 @@ def read_weight_index(index: Path) -> dict[str, str]:
         names = set(weight_map.values())
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as error:
         raise ModelFolderError(
-            f"'{index}' is not a readable weight index ({_first_line(error)}). Download that file again."
+            f"'{index}' is not a readable weight index ({first_line(error)}). Download that file again."
         ) from error
     outside = sorted(
         str(name) for name in names if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
@@ -330,12 +329,6 @@ _WEIGHT_WORDS = (
 _DISK_WORDS = ("no space left", "permission denied", "read-only file system", "input/output error")
 
 
-def _first_line(error: BaseException) -> str:
-    """'Type: the first line of the message' (at most 200 characters), for one-line error reports."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
-
-
 def _load_error(path: Path, error: BaseException) -> ThinkDiffError:
     """Name what from_pretrained's failure means: a missing package, a disk problem, a damaged weight file, or
     (anything else) a setting this transformers cannot load the folder with. Only the weight-shaped messages are
@@ -343,27 +336,27 @@ def _load_error(path: Path, error: BaseException) -> ThinkDiffError:
     text = str(error).lower()
     if isinstance(error, ImportError):
         return MissingDependencyError(
-            f"loading '{path.name}' needs a package that is missing or too old ({_first_line(error)}). Install it into "
+            f"loading '{path.name}' needs a package that is missing or too old ({first_line(error)}). Install it into "
             f"this Python (the message names it), then restart."
         )
     if isinstance(error, TypeError):  # a config value of the wrong type reaches a layer's constructor (4.x)
         return ModelFolderError(
-            f"the model in '{path}' could not be built from its config.json ({_first_line(error)}): a value there has "
+            f"the model in '{path}' could not be built from its config.json ({first_line(error)}): a value there has "
             f"the wrong type. Download config.json again from the model's repository."
         )
     if isinstance(error, OSError) and any(word in text for word in _DISK_WORDS):
         return ModelFolderError(
-            f"the weights in '{path}' could not be read from disk ({_first_line(error)}). Check that the drive is "
+            f"the weights in '{path}' could not be read from disk ({first_line(error)}). Check that the drive is "
             f"mounted and readable, and that the temp folder has free space."
         )
     if isinstance(error, (OSError, SafetensorError)) or any(word in text for word in _WEIGHT_WORDS):
         return ModelFolderError(
-            f"the weights in '{path}' could not be loaded ({_first_line(error)}): a weight file is truncated, "
+            f"the weights in '{path}' could not be loaded ({first_line(error)}): a weight file is truncated, "
             f"corrupt, or of another model (shapes that do not fit its config.json). Download the whole repository "
             f"again."
         )
     return ThinkDiffError(
-        f"transformers could not load '{path.name}' with these settings ({_first_line(error)}). Try dtype 'auto' and "
+        f"transformers could not load '{path.name}' with these settings ({first_line(error)}). Try dtype 'auto' and "
         f"quantization 'none', or update transformers if the folder is newer than it."
     )
 

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from thinkdiff_core.errors import ChangedSettingsError, ThinkDiffError, library_error_message
+from thinkdiff_core.errors import ChangedSettingsError, ThinkDiffError, first_line, library_error_message
 from thinkdiff_core.files import apply_umask, fsync_path, is_temp_name, write_atomic, write_text_atomic
 from thinkdiff_train.tasks import batch_counts
 
@@ -123,7 +123,7 @@ def _readable_progress(folder: Path) -> dict | None:
         return _progress_or_incomplete(folder)
     except OSError as error:
         raise ResumeError(
-            f"cannot read {folder / 'progress.json'} ({type(error).__name__}: {error}); the folder was left as it is. "
+            f"cannot read {folder / 'progress.json'} ({first_line(error)}); the folder was left as it is. "
             f"Check the disk and the folder's permissions, then rerun."
         ) from error
 
@@ -168,10 +168,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, progress: di
         if accelerator.is_main_process:
             write_text_atomic(temporary / "progress.json", json.dumps(progress, indent=1))
             apply_umask(temporary)
-            for file in [
-                *temporary.rglob("*"),
-                temporary,
-            ]:  # on the disk before the rename: a power loss keeps it whole
+            # on the disk before the rename, so a power loss keeps it whole
+            for file in [*temporary.rglob("*"), temporary]:
                 fsync_path(file)
             shutil.rmtree(final, ignore_errors=True)  # a kill from here to the rename: remove_leftovers completes it
             os.replace(temporary, final)
@@ -257,10 +255,7 @@ def begin_run(
             if isinstance(error, torch.OutOfMemoryError):
                 raise
             logger.warning(
-                "checkpoint %s cannot be read back (%s: %s); trying the previous one",
-                folder.name,
-                type(error).__name__,
-                str(error).splitlines()[0][:200] if str(error) else "",
+                "checkpoint %s cannot be read back (%s); trying the previous one", folder.name, first_line(error)
             )
             errors.append(f"{folder.name}: {type(error).__name__}")
     else:

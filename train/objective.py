@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from thinkdiff_core.errors import ModelFolderError
+from thinkdiff_core.errors import ModelFolderError, first_line
 from thinkdiff_core.hf_compat import dtype_kwargs, t5_attention_mask
 from thinkdiff_core.vision import encode_images
 from thinkdiff_train.config import Config
@@ -53,9 +53,8 @@ def load_frozen_t5(path: str, dtype: torch.dtype):
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ModelFolderError(
-            f"t5_path '{path}' could not be loaded as flan-T5 ({type(error).__name__}: {first}): weights or tokenizer "
+            f"t5_path '{path}' could not be loaded as flan-T5 ({first_line(error)}): weights or tokenizer "
             f"files are missing, truncated or of another model. Download google/flan-t5-xxl again into that folder."
         ) from error
     check_loading_info(info, Path(path), "a T5 model")
